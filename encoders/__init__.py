@@ -1,0 +1,1 @@
+"""Modality encoders, connectors and processors (imported as `zoo.encoders`)."""

@@ -1,0 +1,75 @@
+"""Pure-PyTorch expert computation: the reference every kernel is tested against.
+
+Written by hand because no library offers a dropless grouped SwiGLU over stacked expert weights
+with routing kept outside the experts: transformers' classic block loops with a boolean mask per
+expert, MegaBlocks/ScatterMoE need a GPU. This path runs everywhere, is differentiable by autograd,
+and is the CPU implementation users get.
+
+Layout (transformers 5 / Mixtral): `gate_up [E, 2f, d]` holds gate rows then up rows,
+`down [E, d, f]`; an expert computes `down @ (silu(gate @ x) * (up @ x))`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the T*k (token, slot) assignments by expert.
+
+    Args:
+        indices: expert ids `[T, k]`.
+        num_experts: E.
+
+    Returns:
+        order: `[T*k]` flat slot ids (row-major in `[T, k]`) sorted by expert, stable, so tokens
+            keep their order inside each expert; the token of slot s is `s // k`.
+        counts: `[E]` assignments per expert (int64); expert e owns
+            `order[offsets[e]:offsets[e] + counts[e]]` with `offsets = cumsum(counts) - counts`.
+    """
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+def moe_swiglu(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless routed SwiGLU experts: sort once, run contiguous per-expert slices, scatter once.
+
+    Never materializes a `[T, E, d]` tensor; memory is O(T*k*(d + 2f)).
+
+    Args:
+        x: token states `[T, d]`.
+        weights: combine weights `[T, k]` (any float dtype; applied in x's dtype).
+        indices: expert ids `[T, k]`, values in `[0, E)`.
+        gate_up: `[E, 2f, d]` gate rows then up rows of each expert.
+        down: `[E, d, f]`.
+
+    Returns:
+        `[T, d]`: sum over the k chosen experts of weight * expert(x).
+    """
+    num_tokens, hidden = x.shape
+    top_k = indices.shape[1]
+    order, counts = sort_by_expert(indices, gate_up.shape[0])
+    token_of = order // top_k  # [N], N = T*k
+    xs = x[token_of]  # [N, d], grouped by expert
+    outs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        h = F.linear(xs[start : start + n], gate_up[e])  # [n, 2f]
+        gate, up = h.chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, down[e]))  # [n, d]
+        start += n
+    if not outs:
+        return torch.zeros_like(x)  # T == 0
+    ys = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # [N, d]
+    return x.new_zeros(num_tokens, hidden).index_add(0, token_of, ys)

@@ -1,0 +1,96 @@
+"""The sparse MoE layer every model, stage, kernel and engine in the zoo shares."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoo.config import MoEConfig
+from zoo.moe.experts import SwiGLU, SwiGLUExperts
+from zoo.moe.router import RouterOutput, build_router
+
+
+class SparseMoE(nn.Module):
+    """Route tokens to experts and combine them; optionally add a gated shared expert.
+
+    Composition by keyword: any router returning `RouterOutput` and any experts module taking
+    `(x [T, d], weights [T, k], indices [T, k]) -> [T, d]` work together.
+
+    Args:
+        router: maps `[T, d]` to a `RouterOutput`.
+        experts: routed experts.
+        shared_expert: optional dense module `[T, d] -> [T, d]` applied to every token.
+        shared_expert_gate: optional `Linear(d, 1)`; the shared expert's output is scaled by
+            `sigmoid(shared_expert_gate(x))` (Qwen2-MoE). Without it the shared expert is added as is.
+    """
+
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: nn.Module,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if shared_expert_gate is not None and shared_expert is None:
+            raise ValueError("SparseMoE: shared_expert_gate given without a shared_expert")
+        self.hidden_size = router.hidden_size
+        self.router = router
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        """Apply the layer.
+
+        Args:
+            x: token states `[..., d]` (e.g. `[B, S, d]`); leading dims are flattened to T.
+
+        Returns:
+            y: `[..., d]`, same shape and dtype as x.
+            router_output: `RouterOutput` over the T flattened tokens (row-major in leading dims).
+        """
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"SparseMoE: input has hidden size {x.shape[-1]} but the layer was built for {self.hidden_size} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, d]
+        routing = self.router(flat)
+        y = self.experts(flat, routing.weights, routing.indices)  # [T, d]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared
+        return y.reshape(shape), routing
+
+
+def build_sparse_moe(cfg: MoEConfig, hidden_size: int, intermediate_size: int) -> SparseMoE:
+    """Build a `SparseMoE` from a `zoo.config.MoEConfig` for a model of width `hidden_size`.
+
+    Args:
+        cfg: router name, E, k and shared expert size.
+        hidden_size: d.
+        intermediate_size: f of each routed expert.
+    """
+    router = build_router(
+        cfg.router,
+        hidden_size,
+        cfg.num_experts,
+        cfg.top_k,
+        norm_topk_prob=cfg.norm_topk_prob,
+        jitter_noise=cfg.jitter_noise,
+    )
+    shared = gate = None
+    if cfg.shared_expert_size:
+        shared = SwiGLU(hidden_size, cfg.shared_expert_size)
+        gate = nn.Linear(hidden_size, 1, bias=False)
+    return SparseMoE(
+        router=router,
+        experts=SwiGLUExperts(cfg.num_experts, hidden_size, intermediate_size),
+        shared_expert=shared,
+        shared_expert_gate=gate,
+    )

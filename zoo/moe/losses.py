@@ -1,0 +1,89 @@
+"""Auxiliary losses and routing statistics: pure functions of router outputs.
+
+Each takes one layer's router output (tokens flattened to T) and an optional token mask, so
+padding never counts; the model combines layers. Nothing here reads or writes module state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of `values [T, ...]`, counting only rows where `mask [T]` is true."""
+    if mask is None:
+        return values.mean(dim=0)
+    m = mask.reshape(-1).to(values.dtype)
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    return (values * m.view(shape)).sum(dim=0) / m.sum().clamp_min(1)
+
+
+def load_fraction(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of the (token, slot) assignments that went to each expert.
+
+    Args:
+        indices: `[T, k]` expert ids.
+        num_experts: E.
+        mask: optional `[T]` (or any shape with T elements) true for real tokens.
+
+    Returns:
+        `[E]` float32, sums to 1 (over real tokens).
+    """
+    one_hot = torch.nn.functional.one_hot(indices, num_experts).float().sum(dim=1)  # [T, E]
+    per_token = _masked_mean(one_hot, mask)  # [E], sums to k
+    return per_token / indices.shape[1]
+
+
+def load_balancing_loss(
+    logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss: `E * sum_e f_e * P_e`.
+
+    `f_e` is the fraction of top-k assignments sent to expert e (summing to k, as transformers'
+    `load_balancing_loss_func` counts it) and `P_e` the mean router probability of e. Its minimum,
+    `k`, is reached by uniform routing. Top-k is taken on the softmax, so this matches every router
+    that ranks experts by logits.
+
+    Args:
+        logits: router logits `[T, E]`.
+        top_k: k.
+        mask: optional token mask with T elements.
+
+    Returns:
+        scalar float32.
+    """
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    f = load_fraction(chosen, num_experts, mask) * top_k  # [E], sums to k
+    p = _masked_mean(probs, mask)  # [E]
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of `logsumexp(logits)^2`.
+
+    Args:
+        logits: `[T, E]`.
+        mask: optional token mask with T elements.
+
+    Returns:
+        scalar float32.
+    """
+    z = torch.logsumexp(logits.float(), dim=-1) ** 2  # [T]
+    return _masked_mean(z, mask)
+
+
+def router_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the router's softmax over experts; `log E` is uniform, 0 is one-hot.
+
+    Args:
+        logits: `[T, E]`.
+        mask: optional token mask with T elements.
+
+    Returns:
+        scalar float32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ent = -(logp.exp() * logp).sum(dim=-1)  # [T]
+    return _masked_mean(ent, mask)
