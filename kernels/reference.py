@@ -57,19 +57,18 @@ def moe_swiglu(
     """
     num_tokens, hidden = x.shape
     top_k = indices.shape[1]
+    if num_tokens == 0:
+        return torch.zeros_like(x)
     order, counts = sort_by_expert(indices, gate_up.shape[0])
     token_of = order // top_k  # [N], N = T*k
-    xs = x[token_of]  # [N, d], grouped by expert
+    # index_select and split (not fancy indexing and slices): their backward is one index_add
+    # and one cat, where per-slice backward would add a full-size zero gradient per expert.
+    xs = x.index_select(0, token_of)  # [N, d], grouped by expert
     outs = []
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
+    for e, xe in enumerate(xs.split(counts.tolist())):
+        if xe.shape[0] == 0:
             continue
-        h = F.linear(xs[start : start + n], gate_up[e])  # [n, 2f]
-        gate, up = h.chunk(2, dim=-1)
+        gate, up = F.linear(xe, gate_up[e]).chunk(2, dim=-1)  # [n, f] each
         outs.append(F.linear(F.silu(gate) * up, down[e]))  # [n, d]
-        start += n
-    if not outs:
-        return torch.zeros_like(x)  # T == 0
     ys = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # [N, d]
     return x.new_zeros(num_tokens, hidden).index_add(0, token_of, ys)
