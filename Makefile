@@ -8,7 +8,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test bench
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-packages.txt
+	bash .ci/install-debian-packages pipelines/data/debian-packages.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
