@@ -5,6 +5,6 @@ Layers: kernel (Triton, GPU) -> op (`zoo.kernels.ops`, dispatch by device) -> mo
 signature; tests compare outputs and all gradients against it.
 """
 
-from zoo.kernels.ops import moe_swiglu, sort_by_expert
+from zoo.kernels.ops import backend_for, moe_swiglu, sort_by_expert
 
-__all__ = ["moe_swiglu", "sort_by_expert"]
+__all__ = ["backend_for", "moe_swiglu", "sort_by_expert"]

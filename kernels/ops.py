@@ -1,15 +1,55 @@
 """Expert ops with device dispatch: the layer the MoE modules call.
 
-Today every device runs the pure-PyTorch reference; GPU kernels plug in here, keyed by device,
-and must match `zoo.kernels.reference` in outputs and gradients.
+CUDA tensors run the Triton kernels (`zoo.kernels.triton`) when triton is installed; everything
+else runs the pure-PyTorch reference (`zoo.kernels.reference`). Both have the same signature and
+must agree in outputs and gradients (tests/test_kernels_triton.py).
+
+`ZOO_KERNELS=auto|reference|triton` overrides the choice (read on every call): `reference`
+forces the reference everywhere; `triton` forces the kernels, which on CPU tensors needs
+`TRITON_INTERPRET=1` set before the first call (that is how the CPU tests run them).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
 
 import torch
 
 from zoo.kernels import reference
 from zoo.kernels.reference import sort_by_expert
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the `triton` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """`"triton"` or `"reference"`: which implementation runs an op on `x`'s device.
+
+    Raises:
+        ValueError: `ZOO_KERNELS` names no backend.
+        RuntimeError: `ZOO_KERNELS=triton` but triton is missing, or a CPU tensor without
+            `TRITON_INTERPRET=1`.
+    """
+    choice = os.environ.get("ZOO_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"ZOO_KERNELS={choice!r}; expected one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "triton" if x.is_cuda and triton_available() else "reference"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("ZOO_KERNELS=triton but the triton package is not installed")
+        interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+        if not x.is_cuda and not interpret:
+            raise RuntimeError(f"ZOO_KERNELS=triton on a {x.device.type} tensor needs TRITON_INTERPRET=1 (set before the first call)")
+    return choice
 
 
 def moe_swiglu(
@@ -20,7 +60,11 @@ def moe_swiglu(
     down: torch.Tensor,
 ) -> torch.Tensor:
     """Routed SwiGLU experts; see `zoo.kernels.reference.moe_swiglu` for shapes and meaning."""
+    if backend_for(x) == "triton":
+        # Imported on first use: importing decorates the kernels (TRITON_INTERPRET is read then),
+        # and CPU-only users never pay for importing triton.
+        return importlib.import_module("zoo.kernels.triton").moe_swiglu(x, weights, indices, gate_up, down)
     return reference.moe_swiglu(x, weights, indices, gate_up, down)
 
 
-__all__ = ["moe_swiglu", "sort_by_expert"]
+__all__ = ["BACKENDS", "backend_for", "moe_swiglu", "sort_by_expert"]

@@ -1,0 +1,157 @@
+"""Triton expert kernels against the pure-PyTorch reference, on CPU through the interpreter.
+
+The kernels run in one subprocess with `TRITON_INTERPRET=1` (it must be set before triton
+decorates the kernels, and an out-of-bounds store can crash the interpreter) and
+`ZOO_KERNELS=triton` (so the calls go through the `zoo.kernels.ops` dispatcher). The worker
+prints one JSON line per (case, dtype) with the max error of the output and of every gradient
+against a float64 run of the reference, next to the error of the reference itself run in the
+same dtype; the tests below judge those numbers. bf16 is not checked here: the interpreter
+computes it wrongly (bench/kernels.py checks it on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# name: (T, k, E, d, f, skew, dy). Every case leaves expert E // 2 without tokens. Interpreter
+# tiles (kernels/triton): rows 16, columns 32, K 32; weight-grad 64 x 64 over 16-row chunks.
+CASES = {
+    "k1": (19, 1, 4, 33, 40, 0.0, "random"),
+    "k2": (23, 2, 5, 33, 24, 0.0, "random"),
+    "k3": (17, 3, 6, 40, 20, 0.0, "random"),
+    "k2_skewed_multi_tile": (40, 2, 3, 24, 48, 4.0, "random"),  # expert 0 spans several row tiles
+    "k2_dy_zero_stride": (12, 2, 4, 17, 36, 0.0, "ones"),  # y.sum(): dy is an expanded view
+    "k2_wide_odd": (9, 2, 4, 97, 72, 0.0, "random"),  # several K steps and f-tiles
+    "one_token_k3": (1, 3, 4, 16, 16, 0.0, "random"),
+}
+DTYPES = ("float32", "float16")
+TENSORS = ("y", "x", "weights", "gate_up", "down")
+# Allowed error of the Triton path: 4x the reference's own error in that dtype, plus this many
+# units of the largest |value| (the kernels accumulate in fp32 in a different order).
+RTOL = {"float32": 2e-6, "float16": 2e-3}
+
+
+def _inputs(T, k, E, d, f, skew, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=gen)
+    logits[:, 0] += skew
+    logits[:, E // 2] = -float("inf")  # an expert that gets no tokens
+    probs, indices = logits.softmax(-1).topk(k, dim=-1)
+    x = torch.randn(T, d, generator=gen)
+    gate_up = torch.randn(E, 2 * f, d, generator=gen) / d**0.5
+    down = torch.randn(E, d, f, generator=gen) / f**0.5
+    grad = torch.randn(T, d, generator=gen)
+    return [t.to(dtype) for t in (x, probs, indices, gate_up, down, grad)]
+
+
+def _run(fn, x, weights, indices, gate_up, down, grad, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weights, gate_up, down)]
+    y = fn(leaves[0], leaves[1], indices, leaves[2], leaves[3])
+    loss = y.sum() if dy == "ones" else (y * grad).sum()
+    return [y.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+def _worker() -> None:
+    """Runs in the subprocess: one JSON line per record."""
+    from zoo.kernels import ops, reference, sort_by_expert
+    from zoo.kernels.triton import route
+
+    for name, (T, k, E, d, f, skew, dy) in CASES.items():
+        x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, torch.float32)
+        r = route(idx.long(), E)
+        order, counts = sort_by_expert(idx.long(), E)
+        ok = torch.equal(r.order, order) and torch.equal(r.counts.long(), counts)
+        ok = ok and torch.equal(r.token_of.long(), order // k)
+        print(json.dumps({"kind": "routing", "case": name, "ok": bool(ok)}), flush=True)
+
+    for name, (T, k, E, d, f, skew, dy) in CASES.items():
+        for dtype_name in DTYPES:
+            dtype = getattr(torch, dtype_name)
+            x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, dtype)
+            idx = idx.long()
+            args64 = [t.double() for t in (x, w)] + [idx] + [t.double() for t in (gu, dn, g)]
+            truth = _run(reference.moe_swiglu, *args64, dy)
+            ref = _run(reference.moe_swiglu, x, w, idx, gu, dn, g, dy)
+            tri = _run(ops.moe_swiglu, x, w, idx, gu, dn, g, dy)
+            record = {"kind": "compare", "case": name, "dtype": dtype_name, "tensors": {}, "backend": ops.backend_for(x)}
+            for tname, t64, tr, tt in zip(TENSORS, truth, ref, tri):
+                record["tensors"][tname] = {
+                    "shape_ok": tt.shape == t64.shape and tt.dtype == tr.dtype,
+                    "finite": bool(torch.isfinite(tt).all()),
+                    "err_triton": (tt.double() - t64).abs().max().item(),
+                    "err_reference": (tr.double() - t64).abs().max().item(),
+                    "scale": t64.abs().max().item(),
+                }
+            # The expert without tokens must get exactly zero weight gradients.
+            record["empty_expert_grad"] = max(tri[3][E // 2].abs().max().item(), tri[4][E // 2].abs().max().item())
+            print(json.dumps(record), flush=True)
+
+
+@pytest.fixture(scope="module")
+def worker_records():
+    env = dict(os.environ, TRITON_INTERPRET="1", ZOO_KERNELS="triton", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"interpreter worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_routing_matches_reference_sort(worker_records, case):
+    (record,) = [r for r in worker_records if r["kind"] == "routing" and r["case"] == case]
+    assert record["ok"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference_outputs_and_all_gradients(worker_records, case, dtype):
+    (record,) = [r for r in worker_records if r.get("case") == case and r.get("dtype") == dtype]
+    bad = {}
+    for name, m in record["tensors"].items():
+        tol = 4 * m["err_reference"] + RTOL[dtype] * m["scale"]
+        if not (m["shape_ok"] and m["finite"] and m["err_triton"] <= tol):
+            bad[name] = {**m, "tol": tol}
+    assert record["backend"] == "triton"  # the dispatcher really ran the kernels
+    assert not bad, f"{case} {dtype}: {bad}"
+    assert record["empty_expert_grad"] == 0.0
+
+
+def test_dispatch_defaults_to_reference_on_cpu_and_validates_the_override(monkeypatch):
+    from zoo.kernels import backend_for
+
+    x = torch.zeros(2, 3)
+    monkeypatch.delenv("ZOO_KERNELS", raising=False)
+    assert backend_for(x) == "reference"
+    monkeypatch.setenv("ZOO_KERNELS", "reference")
+    assert backend_for(x) == "reference"
+    monkeypatch.setenv("ZOO_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="ZOO_KERNELS"):
+        backend_for(x)
+    monkeypatch.setenv("ZOO_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backend_for(x)
+
+
+def test_reference_gradients_match_finite_differences():
+    """The gradient oracle itself: the reference's autograd against float64 finite differences,
+    with a token routed twice to one expert's neighbours and an expert without tokens."""
+    from zoo.kernels.reference import moe_swiglu
+
+    T, k, E, d, f = 4, 2, 3, 5, 3
+    x, w, _, gu, dn, _ = _inputs(T, k, E, d, f, 0.0, torch.float64, seed=1)
+    idx = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0]])  # expert 1 gets no tokens
+    leaves = [t.requires_grad_() for t in (x, w, gu, dn)]
+    assert torch.autograd.gradcheck(lambda a, b, c, e: moe_swiglu(a, b, idx, c, e), leaves)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker()
