@@ -89,8 +89,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _check_relative_name(name: str) -> str:
-    """Validate an extra file's name: relative, POSIX separators, no `..`, not reserved."""
+def check_extra_name(name: str) -> str:
+    """Validate and return an extra file's name: relative, POSIX separators, no `..`, not reserved."""
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")):
         raise CheckpointError(f"extra file name {name!r} must be a plain relative path like 'tokenizer.json'")
@@ -152,7 +152,8 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _copy_extra(dest: Path, source: str | os.PathLike | bytes) -> None:
+def copy_extra_file(dest: Path, source: str | os.PathLike | bytes) -> None:
+    """Write an extra file at `dest` from a source path or from bytes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(source, bytes):
         dest.write_bytes(source)
@@ -260,7 +261,7 @@ def save_checkpoint(
         config_text = json.dumps(dict(config), indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config is not plain JSON: {e}") from e
-    extras = {_check_relative_name(name): src for name, src in (extra_files or {}).items()}
+    extras = {check_extra_name(name): src for name, src in (extra_files or {}).items()}
     tensors, aliases = _dedupe_shared(state_dict)
 
     def write(tmp: Path) -> None:
@@ -277,7 +278,7 @@ def save_checkpoint(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             _write_json(tmp / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         for name, src in extras.items():
-            _copy_extra(tmp / name, src)
+            copy_extra_file(tmp / name, src)
         write_manifest(tmp, tensor_aliases=aliases)
 
     return atomic_directory_write(directory, write, overwrite=overwrite)
@@ -529,6 +530,8 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_directory_write",
     "build_manifest",
+    "check_extra_name",
+    "copy_extra_file",
     "load_checkpoint",
     "load_moe_lm",
     "moe_lm_from_config",
