@@ -342,7 +342,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     unlisted = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.relative_to(root).as_posix() not in files and p.name != MANIFEST_NAME
+        if p.is_file() and p.relative_to(root).as_posix() not in (*files, MANIFEST_NAME)
     )
     if unlisted:
         raise CheckpointError(f"checkpoint {str(root)!r}: file(s) {unlisted} are not in the manifest")
