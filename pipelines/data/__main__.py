@@ -1,0 +1,51 @@
+"""CLI: ``python -m zoo.pipelines.data build|import-llava|show ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import FAMILIES, build_all
+from .llava import import_llava
+from .shards import iter_split, read_manifest, write_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m zoo.pipelines.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build shards for the offline task families")
+    b.add_argument("--out", required=True, help="output directory (one sub-directory per family)")
+    b.add_argument("--max-per-split", type=int, default=None, help="cap on samples per split (default: all)")
+    b.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="families to build (default: all)")
+    li = sub.add_parser("import-llava", help="convert LLaVA-format JSON + images into shards")
+    li.add_argument("--json", required=True)
+    li.add_argument("--image-root", required=True)
+    li.add_argument("--out", required=True, help="family directory to write")
+    li.add_argument("--task-family", default="vqa")
+    li.add_argument("--max-per-split", type=int, default=None)
+    li.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    s = sub.add_parser("show", help="print a few samples of a built family directory")
+    s.add_argument("dir")
+    s.add_argument("--split", default="train")
+    s.add_argument("-n", type=int, default=5)
+    args = p.parse_args(argv)
+
+    if args.cmd == "build":
+        build_all(args.out, args.max_per_split, tuple(args.families))
+    elif args.cmd == "import-llava":
+        splits = import_llava(args.json, args.image_root, task_family=args.task_family, max_per_split=args.max_per_split, image_size=args.image_size)
+        m = write_dataset(splits, args.out, task_family=args.task_family, source=f"llava:{args.json}", params={"max_per_split": args.max_per_split})
+        print({k: v["count"] for k, v in m["splits"].items()})
+    else:
+        print(read_manifest(args.dir)["splits"][args.split]["count"], "samples in", args.split)
+        for i, smp in enumerate(iter_split(args.dir, args.split)):
+            if i >= args.n:
+                break
+            kinds = ",".join(m.kind for m in smp.media) or "-"
+            print(f"{smp.key} [{kinds}] {smp.instruction!r} -> {smp.answer!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""WordNet noun definitions (Debian ``wordnet``; its ``data.noun`` parsed directly) -> text instructions."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .schema import Sample, hash_unit, split_of
+from .select import pick_per_split
+
+DATA_NOUN = Path("/usr/share/wordnet/data.noun")
+TASK_FAMILY = "text"
+QUESTION_TYPES = ("define", "name", "choice")
+_PAREN_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One noun synset.
+
+    Attributes:
+        offset: The byte offset id in ``data.noun`` (stable across installs of WordNet 3.0).
+        lemmas: Its words, most frequent first, underscores turned into spaces.
+        definition: The gloss without its quoted examples.
+        examples: Quoted usage examples from the gloss.
+    """
+
+    offset: str
+    lemmas: tuple[str, ...]
+    definition: str
+    examples: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"wn-{self.offset}"
+
+
+def parse_data_line(line: str) -> Synset:
+    """Parse one ``data.noun`` line (format documented in wndb(5WN)).
+
+    Raises:
+        ValueError: Naming the line when it does not follow the format.
+    """
+    head, sep, gloss = line.partition(" | ")
+    fields = head.split()
+    if not sep or len(fields) < 4:
+        raise ValueError(f"not a WordNet data line: {line[:80]!r}")
+    n_words = int(fields[3], 16)
+    lemmas = tuple(_PAREN_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(n_words))
+    gloss = gloss.strip()
+    parts = [p.strip() for p in gloss.split(";")]
+    definition = "; ".join(p for p in parts if not p.startswith('"')).strip()
+    examples = tuple(p.strip('"') for p in parts if p.startswith('"'))
+    return Synset(fields[0], lemmas, definition, examples)
+
+
+@lru_cache(maxsize=2)
+def load_noun_synsets(path: str | os.PathLike = DATA_NOUN) -> tuple[Synset, ...]:
+    """All noun synsets with a definition, in file order (about 82k)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: install the Debian package wordnet (make setup)")
+    out = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if line.startswith("  "):  # license header
+                continue
+            try:
+                syn = parse_data_line(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from e
+            if syn.definition and syn.lemmas:
+                out.append(syn)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    synset: Synset
+    question: str
+    split: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.synset.key}-{self.question}"
+
+
+def build_wordnet_instructions(
+    max_per_split: int | None = None,
+    *,
+    path: str | os.PathLike = DATA_NOUN,
+    question_types: tuple[str, ...] = QUESTION_TYPES,
+    max_definition_chars: int = 160,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> dict[str, list[Sample]]:
+    """Text-only instruction samples from WordNet noun synsets.
+
+    Question types (all questions about one synset share its split, by hash of the synset id):
+
+    - ``define``: "Define: <word>" -> definition;
+    - ``name``: "What word means: <definition>?" -> the synset's first word;
+    - ``choice``: "Which word means: <definition>? Options: a, b, c, d" -> the right option
+      (three distractors picked by hash from other synsets; accuracy has a 25 % chance level).
+
+    Args:
+        max_per_split: Cap per split (None: every synset with a definition of at most
+            `max_definition_chars` characters, times the question types).
+        path: WordNet ``data.noun``.
+        question_types: Subset of ``("define", "name", "choice")``.
+        max_definition_chars: Longer definitions are skipped (keeps sequences short for tiny LMs).
+        val_fraction: Expected share of ``val``.
+        test_fraction: Expected share of ``test``.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` of text-only samples.
+    """
+    unknown = set(question_types) - set(QUESTION_TYPES)
+    if unknown or not question_types:
+        raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types}")
+    synsets = [s for s in load_noun_synsets(str(path)) if len(s.definition) <= max_definition_chars]
+    cands = []
+    for syn in synsets:
+        split = split_of(syn.key, val_fraction, test_fraction)
+        cands.extend(_Candidate(syn, q, split) for q in question_types)
+    picked = pick_per_split(cands, lambda c: c.split, lambda c: c.key, max_per_split)
+    return {split: [_make(c, synsets) for c in cs] for split, cs in picked.items()}
+
+
+def _make(c: _Candidate, pool: list[Synset]) -> Sample:
+    syn, word = c.synset, c.synset.lemmas[0]
+    if c.question == "define":
+        return Sample(c.key, TASK_FAMILY, c.split, f"Define: {word}", syn.definition)
+    if c.question == "name":
+        return Sample(c.key, TASK_FAMILY, c.split, f"What word means: {syn.definition}?", word)
+    options, i = [word], 0
+    while len(options) < 4:
+        other = pool[int(hash_unit(f"{c.key}/{i}", "distractor") * len(pool))]
+        i += 1
+        if other.lemmas[0] not in options and other.lemmas[0] not in syn.lemmas:
+            options.append(other.lemmas[0])
+    options.sort(key=lambda o: hash_unit(f"{c.key}/{o}", "option"))
+    return Sample(c.key, TASK_FAMILY, c.split, f"Which word means: {syn.definition}? Options: {', '.join(options)}", word)
