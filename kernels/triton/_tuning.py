@@ -13,6 +13,10 @@ import torch
 import triton
 
 
+# Row tiles that run together in the grouped GEMMs (see routing.grouped_pid); not tuned.
+GROUP_M = 8
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (read when kernels are decorated)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -52,6 +56,9 @@ def block_e(num_experts: int) -> int:
     return max(triton.next_power_of_2(num_experts), 2)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` precision for fp32 inputs, following torch's own TF32 switch; fp16/bf16 ignore it."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """`tl.dot` input precision: for fp32, TF32 only if torch allows it for matmuls (default: no);
+    None (the backend's default) for 16-bit inputs, which run on tensor cores either way."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

@@ -80,3 +80,19 @@ def expert_rows(counts_ptr, num_experts, expert, BLOCK_E: tl.constexpr):
     ie = tl.arange(0, BLOCK_E)
     c = tl.load(counts_ptr + ie, mask=ie < num_experts, other=0)  # [BE]
     return tl.sum(tl.where(ie < expert, c, 0), 0), tl.sum(tl.where(ie == expert, c, 0), 0)
+
+
+@triton.jit
+def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Flat program id -> (row tile, column tile), GROUP_M row tiles at a time.
+
+    The usual L2 swizzle: programs running together share GROUP_M row tiles (gathered input rows)
+    and a band of column tiles (weight tiles), instead of every program in a wave re-reading all
+    rows for one column tile.
+    """
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n

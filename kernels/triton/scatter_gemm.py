@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton._tuning import block_e, configs, dot_precision, grid_rows
-from zoo.kernels.triton.routing import Routing, expert_tile
+from zoo.kernels.triton._tuning import GROUP_M, block_e, configs, dot_precision, grid_rows
+from zoo.kernels.triton.routing import Routing, expert_tile, grouped_pid
 
 _CONFIGS = configs(
     gpu=[
@@ -33,14 +33,14 @@ _CONFIGS = configs(
 @triton.jit
 def _scatter_gemm_kernel(
     a_ptr, w_ptr, order_ptr, weights_ptr, counts_ptr, out_ptr,
-    K, N_OUT, num_experts,
+    K, N_OUT, num_experts, num_rows,
     stride_a, stride_we, stride_wk, stride_wn, stride_out,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[order[r], n] = (w[order[r]] if HAS_SCALE else 1) * sum_k a[r, k] * W[e, k, n]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts  # grid_rows(): an upper bound
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, tl.cdiv(N_OUT, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(counts_ptr, num_experts, pid_m, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -96,11 +96,11 @@ def scatter_gemm(
         n_out = w.shape[1]
     out = a.new_empty(num_rows, n_out)  # [N, n], slot order
     flat_w = weights.reshape(-1) if weights is not None else routing.counts  # unused pointer if None
-    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     _scatter_gemm_kernel[grid](
         a, w, routing.order, flat_w, routing.counts, out,
-        inner, n_out, num_experts,
+        inner, n_out, num_experts, num_rows,
         a.stride(0), stride_we, stride_wk, stride_wn, out.stride(0),
-        HAS_SCALE=weights is not None, PRECISION=dot_precision(a.dtype), BLOCK_E=block_e(num_experts),
+        HAS_SCALE=weights is not None, PRECISION=dot_precision(a.dtype), BLOCK_E=block_e(num_experts), GROUP_M=GROUP_M,
     )  # fmt: skip
     return out.view(num_rows // top_k, top_k, n_out).sum(1)  # [T, n]

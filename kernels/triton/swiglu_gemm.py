@@ -2,9 +2,10 @@
 gather dy -> down^T -> SwiGLU backward + d(router weight) (backward).
 
 Hand-written because no library runs a dropless grouped GEMM over stacked expert weights with
-the row gather and the SwiGLU epilogue in one pass on the triton versions we support (3.6 to 3.9);
-the unfused path writes the gathered `[N, d]` input and the `[N, 2f]` pre-activation twice more.
-Plain pointer arithmetic, no block pointers (removed in triton 3.9).
+the row gather and the SwiGLU epilogue in one pass; the unfused path materializes the gathered
+`[N, d]` input and separate `[N, f]` temporaries for silu(gate), the product and their grads.
+Plain pointer arithmetic, no block pointers (removed in triton 3.9), so the same source is meant
+for triton 3.6 to 3.9 (so far exercised only by the triton 3.8 interpreter).
 
 Notation: T tokens, k experts per token, N = T*k sorted rows, d hidden, f expert width.
 """
@@ -15,10 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.triton._tuning import block_e as _block_e
-from zoo.kernels.triton._tuning import configs, grid_rows, interpreting
-from zoo.kernels.triton._tuning import dot_precision as _precision
-from zoo.kernels.triton.routing import Routing, expert_tile
+from zoo.kernels.triton._tuning import GROUP_M, block_e, configs, dot_precision, grid_rows, interpreting
+from zoo.kernels.triton.routing import Routing, expert_tile, grouped_pid
 
 _ROW_GEMM_CONFIGS = configs(
     gpu=[
@@ -48,14 +47,14 @@ _DOWN_BWD_CONFIGS = configs(
 @triton.jit
 def _gate_up_fwd_kernel(
     x_ptr, w_ptr, token_ptr, counts_ptr, h_ptr, a_ptr,
-    hidden, inter, num_experts,
+    hidden, inter, num_experts, num_rows,
     stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_h, stride_a,
-    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """h[r] = gate_up[e] @ x[token_of[r]] (gate and up halves of one f-tile), a[r] = silu(g) * u."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts  # grid_rows(): an upper bound
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(counts_ptr, num_experts, pid_m, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -96,13 +95,13 @@ def _down_bwd_kernel(
     dy_ptr, w_ptr, token_ptr, order_ptr, weights_ptr, counts_ptr, h_ptr, dh_ptr, dw_part_ptr,
     hidden, inter, num_experts, num_rows,
     stride_dyt, stride_dyd, stride_we, stride_wd, stride_wf, stride_h, stride_dh,
-    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """g_a[r] = down[e]^T @ dy[token_of[r]]; then the SwiGLU backward into dh[r] and the partial
     d(weight)[slot] = sum over this f-tile of g_a * a (a recomputed from the saved h)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M) + num_experts  # grid_rows(): an upper bound
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_pid_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert, row_start, row_end = expert_tile(counts_ptr, num_experts, pid_m, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -157,12 +156,12 @@ def gate_up_forward(x: torch.Tensor, gate_up: torch.Tensor, routing: Routing) ->
     num_rows = routing.order.numel()
     h = x.new_empty(num_rows, two_f)
     a = x.new_empty(num_rows, inter)
-    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]), triton.cdiv(inter, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(inter, meta["BLOCK_N"]),)  # noqa: E731
     _gate_up_fwd_kernel[grid](
         x, gate_up, routing.token_of, routing.counts, h, a,
-        hidden, inter, num_experts,
+        hidden, inter, num_experts, num_rows,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), h.stride(0), a.stride(0),
-        PRECISION=_precision(x.dtype), BLOCK_E=_block_e(num_experts),
+        PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=GROUP_M,
     )  # fmt: skip
     return h, a
 
@@ -189,11 +188,11 @@ def down_backward(
     dh = torch.empty_like(h)
     dw_part = h.new_empty(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32)  # [f-tiles, N]
     flat_w = weights.reshape(-1)  # [N], slot order
-    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]), triton.cdiv(inter, block_n))  # noqa: E731
+    grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(inter, block_n),)  # noqa: E731
     _down_bwd_kernel[grid](
         dy, down, routing.token_of, routing.order, flat_w, routing.counts, h, dh, dw_part,
         hidden, inter, num_experts, num_rows,
         dy.stride(0), dy.stride(1), down.stride(0), down.stride(1), down.stride(2), h.stride(0), dh.stride(0),
-        PRECISION=_precision(h.dtype), BLOCK_E=_block_e(num_experts), BLOCK_N=block_n,
+        PRECISION=dot_precision(h.dtype), BLOCK_E=block_e(num_experts), GROUP_M=GROUP_M, BLOCK_N=block_n,
     )  # fmt: skip
     return dh, dw_part.sum(0).view_as(weights)
