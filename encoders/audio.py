@@ -66,7 +66,7 @@ class WhisperAudioEncoder(nn.Module):
 
         self.config = WhisperConfig(**(config or {}))
         self.model = WhisperEncoder(self.config)
-        if weights is not None:
+        if weights is not None and not self.model.conv1.weight.is_meta:  # meta: shape-only build
             self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         num_hidden = self.config.encoder_layers + 1
         if not -num_hidden <= feature_layer < num_hidden:

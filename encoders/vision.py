@@ -73,7 +73,7 @@ class TimmVisionEncoder(nn.Module):
         model_kwargs.setdefault("num_classes", 0)  # headless unless asked; features come before the head
         self.model = timm.create_model(model_name, pretrained=False, **model_kwargs)
         path = resolve_weights(weights)
-        if path is not None:
+        if path is not None and not _is_meta(self.model):
             load_state_dict_by_order(self.model, torch.load(path, map_location="cpu", weights_only=True))
         cfg = self.model.pretrained_cfg
         side = image_size or cfg.get("input_size", (3, 224, 224))[-1]
@@ -169,7 +169,7 @@ class OpenClipVisionEncoder(nn.Module):
             raise ValueError("OpenClipVisionEncoder: timm-backed open_clip towers are not supported; use TimmVisionEncoder")
         self.model = _build_vision_tower(embed_dim or 512, CLIPVisionCfg(**base))
         path = resolve_weights(weights)
-        if path is not None:
+        if path is not None and not _is_meta(self.model):
             load_state_dict_by_order(self.model, torch.load(path, map_location="cpu", weights_only=True))
         layers = len(self.model.transformer.resblocks)
         if not -layers <= feature_layer < layers:
@@ -198,6 +198,10 @@ class OpenClipVisionEncoder(nn.Module):
         return x
 
 
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def load_state_dict_by_order(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load `state` into `model`, by name when the names match, else by order with shapes checked.
 
@@ -206,6 +210,8 @@ def load_state_dict_by_order(model: nn.Module, state: dict[str, torch.Tensor]) -
     the first mismatch. Classifier tensors missing from a headless model are skipped at the end.
     """
     target = model.state_dict()
+    if any(t.is_meta for t in target.values()):
+        return  # a shape-only (meta device) build has nowhere to put weights
     if set(state) == set(target):
         model.load_state_dict(state)
         return

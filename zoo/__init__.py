@@ -1,9 +1,10 @@
 """moe-zoo: multimodal Mixture-of-Experts models, trained in stages, loaded with `zoo.load`."""
 
-from zoo.config import MoEConfig
+from zoo.config import ModelConfig, MoEConfig
 from zoo.lm import MoECausalLM
+from zoo.model import MultimodalMoE, build_model
 from zoo.upcycle import upcycle
 
 __version__ = "0.1.0"
 
-__all__ = ["MoECausalLM", "MoEConfig", "upcycle", "__version__"]
+__all__ = ["MoECausalLM", "MoEConfig", "ModelConfig", "MultimodalMoE", "build_model", "upcycle", "__version__"]
