@@ -1,0 +1,342 @@
+"""Training stages as data, and the recipe runner that chains them.
+
+A recipe (`configs/recipes/*.yaml`) names a model config, the data, and stages in order. Each
+stage says what trains (parameter-name patterns; everything else is frozen), its data mix, its
+loop settings, and what it starts from: the previous stage's output checkpoint (the first stage
+starts from the model config). Every stage writes a zoo checkpoint at `OUT/<stage>/model`, so any
+stage can be re-run alone once the one before it has run.
+
+Stage kinds (MoE-LLaVA / Uni-MoE order):
+  pretrain-lm  the dense LM on text (the tiny zoo has no pretrained LM offline);
+  align        connectors only (stage 1);
+  specialize   instruction-tune the dense model (stage 2);
+  moe-tune     upcycle the LM and train routers + experts with aux losses, attention frozen (stage 3);
+  lora         one LoRA (PEFT) per task family on the MoE model, merged into per-family checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from zoo.checkpoint import load_checkpoint, save_checkpoint
+from zoo.config import ModelConfig, MoEConfig, config_from_dict
+from zoo.model import MultimodalMoE, build_model
+from zoo.pipelines.collate import MixedBatches
+from zoo.pipelines.engine import TorchEngine
+from zoo.pipelines.train import TrainConfig, train
+from zoo.upcycle import upcycle
+
+STAGE_KINDS = ("pretrain-lm", "align", "specialize", "moe-tune", "lora")
+
+DEFAULT_TRAINS = {
+    "pretrain-lm": ["language_model.*"],
+    "align": ["connectors.*"],
+    "specialize": ["language_model.*", "connectors.*"],
+    "moe-tune": ["language_model.*.mlp.moe.*"],  # routers + experts; attention, norms, embeddings frozen
+    "lora": ["*lora_*"],
+}
+
+
+@dataclass
+class LoRAStageConfig:
+    """LoRA settings of a `lora` stage (plain LoRA through PEFT).
+
+    Attributes:
+        r: rank.
+        alpha: scaling numerator (`alpha / r`).
+        dropout: LoRA dropout.
+        target_modules: module names to adapt inside the LM.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe.
+
+    Attributes:
+        name: the stage's name (its output goes to `OUT/<name>/model`).
+        kind: one of `STAGE_KINDS`.
+        data: task family -> sampling weight.
+        train: loop settings (steps, optimizer, checkpoints).
+        batch_size: samples per micro-batch.
+        trains: parameter-name patterns (fnmatch) that train; default per kind (`DEFAULT_TRAINS`).
+        upcycle: `moe-tune` only: the MoE to upcycle the LM into.
+        lora: `lora` only: LoRA settings; one adapter is trained per task family in `data`.
+    """
+
+    name: str
+    kind: str
+    data: dict[str, float]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_size: int = 8
+    trains: list[str] | None = None
+    upcycle: MoEConfig | None = None
+    lora: LoRAStageConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {STAGE_KINDS}")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if isinstance(self.upcycle, dict):
+            self.upcycle = MoEConfig.from_dict(self.upcycle)
+        if isinstance(self.lora, dict):
+            self.lora = config_from_dict(LoRAStageConfig, self.lora)
+        if self.kind == "moe-tune" and self.upcycle is None:
+            raise ValueError(f"stage {self.name!r}: a moe-tune stage needs `upcycle:` (num_experts, top_k, layers, ...)")
+        if self.kind == "lora" and self.lora is None:
+            self.lora = LoRAStageConfig()
+        if self.trains is None:
+            self.trains = list(DEFAULT_TRAINS[self.kind])
+        if not self.data:
+            raise ValueError(f"stage {self.name!r}: `data` must name at least one task family")
+
+
+@dataclass
+class RecipeConfig:
+    """Stages in order, the model they start from and the data they read.
+
+    Attributes:
+        name: recipe name.
+        model: the model config (a dict, or a path to a YAML file relative to the repository).
+        stages: the stages, in order.
+        data: data builder settings (`max_per_split`, `families`).
+        tokenizer_vocab: BPE vocabulary size (must equal the LM's `vocab_size`).
+        seed: base seed of data order.
+    """
+
+    name: str
+    model: Any
+    stages: list[StageConfig]
+    data: dict[str, Any] = field(default_factory=dict)
+    tokenizer_vocab: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, (str, Path)):
+            self.model = ModelConfig.load(str(self.model))
+        elif isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        self.stages = [s if isinstance(s, StageConfig) else config_from_dict(StageConfig, s) for s in self.stages]
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"recipe {self.name!r}: duplicate stage names in {names}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RecipeConfig:
+        data = yaml.safe_load(Path(path).read_text())
+        if isinstance(data.get("model"), str) and not Path(data["model"]).is_absolute():
+            data["model"] = str((Path(path).parent / data["model"]).resolve())
+        return config_from_dict(cls, data)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"recipe {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+def set_trainable(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Train exactly the parameters whose names match one of `patterns`; return their names."""
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no parameter matches the trainable patterns {patterns}")
+    return names
+
+
+def save_model(model: MultimodalMoE, cfg: ModelConfig, path: Path, tokenizer_dir: Path, extra: dict | None = None) -> Path:
+    """Write a stage's output model (weights, ModelConfig, tokenizer files) as a zoo checkpoint."""
+    files = {f"tokenizer/{p.name}": p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    config = {"model": cfg.to_dict(), **(extra or {})}
+    return save_checkpoint(path, model.state_dict(), config, extra_files=files, overwrite=True)
+
+
+def load_model(path: Path) -> tuple[MultimodalMoE, ModelConfig]:
+    """Rebuild a stage's output model from its checkpoint (verified, strict)."""
+    ckpt = load_checkpoint(path)
+    cfg = ModelConfig.from_dict(ckpt.config["model"])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model, cfg
+
+
+def _train_stage(model, stage: StageConfig, datasets, processor, out: Path, seed: int, resume: bool, name: str):
+    trainable = set_trainable(model, stage.trains)
+    batches = MixedBatches(datasets, stage.data, processor, stage.batch_size, seed)
+    engine = TorchEngine(model, stage.train.optim, stage.train.steps)
+    result = train(engine, batches, stage.train, out, resume=resume, name=name)
+    return result, trainable
+
+
+def run_stage(
+    recipe: RecipeConfig,
+    stage: StageConfig,
+    out_dir: Path,
+    datasets: dict[str, list],
+    processor,
+    *,
+    resume: bool = False,
+) -> dict[str, Path]:
+    """Run one stage from the previous stage's output (or the model config for the first).
+
+    Returns:
+        output name -> checkpoint path (`{stage.name: path}`, or one entry per task family for
+        `lora`, named `<stage>-<family>`).
+    """
+    index = recipe.stages.index(stage)
+    tokenizer_dir = out_dir / "tokenizer"
+    if index == 0:
+        cfg = copy.deepcopy(recipe.model)
+        torch.manual_seed(recipe.seed)
+        model = build_model(cfg)
+    else:
+        prev = recipe.stages[index - 1]
+        start = out_dir / prev.name / "model"
+        if prev.kind == "lora" or not start.is_dir():
+            raise FileNotFoundError(
+                f"stage {stage.name!r} starts from stage {prev.name!r}'s output {start}, which does not exist: "
+                f"run stage {prev.name!r} first"
+            )
+        model, cfg = load_model(start)
+    if stage.kind == "moe-tune":
+        model.language_model = upcycle(model.hf_model, stage.upcycle)
+        cfg = dataclasses.replace(cfg, moe=stage.upcycle)
+    stage_dir = out_dir / stage.name
+    if stage.kind != "lora":
+        result, trainable = _train_stage(model, stage, datasets, processor, stage_dir / "train",
+                                         recipe.seed + index, resume, stage.name)
+        path = save_model(model, cfg, stage_dir / "model", tokenizer_dir,
+                          {"stage": stage.name, "trained": trainable, "final_loss": result.final_loss})
+        return {stage.name: path}
+    return _run_lora(recipe, stage, model, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index)
+
+
+def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index) -> dict[str, Path]:
+    """One PEFT LoRA per task family on a copy of `base`, merged back into a plain checkpoint."""
+    from peft import LoraConfig, get_peft_model
+
+    outputs = {}
+    for family in sorted(stage.data):
+        model = copy.deepcopy(base)
+        lora_cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+                              target_modules=stage.lora.target_modules)
+        peft_lm = get_peft_model(model.hf_model, lora_cfg)
+        _set_lm(model, peft_lm)
+        family_stage = dataclasses.replace(stage, data={family: 1.0})
+        result, trainable = _train_stage(model, family_stage, datasets, processor, stage_dir / family / "train",
+                                         recipe.seed + index, resume, f"{stage.name}:{family}")
+        _set_lm(model, peft_lm.merge_and_unload())
+        outputs[f"{stage.name}-{family}"] = save_model(
+            model, cfg, stage_dir / family / "model", tokenizer_dir,
+            {"stage": stage.name, "task_family": family, "trained": trainable, "final_loss": result.final_loss},
+        )
+    return outputs
+
+
+def _set_lm(model: MultimodalMoE, hf_lm: torch.nn.Module) -> None:
+    """Put `hf_lm` where the transformers LM lives (inside MoECausalLM when sparse)."""
+    from zoo.lm import MoECausalLM
+
+    if isinstance(model.language_model, MoECausalLM):
+        model.language_model.lm = hf_lm
+    else:
+        model.language_model = hf_lm
+
+
+def stage_summary(path: Path) -> dict[str, Any]:
+    """The extra fields a stage stored with its output (stage, trained params, final loss)."""
+    return {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "model"}
+
+
+def load_datasets(data_dir: Path, families: set[str], split: str = "train") -> dict[str, list]:
+    """Samples of `split` per family; the plain-text `corpus` becomes samples with no instruction."""
+    from zoo.pipelines.data.schema import Sample
+    from zoo.pipelines.data.shards import load_split
+
+    out = {}
+    for family in sorted(families):
+        if family == "corpus":
+            name = "train.txt" if split == "train" else "val.txt"
+            lines = (data_dir / "corpus" / name).read_text().splitlines()
+            out[family] = [Sample(f"corpus-{split}-{i}", "corpus", split, "", line) for i, line in enumerate(lines) if line.strip()]
+        else:
+            out[family] = load_split(data_dir / family, split)
+    return out
+
+
+def prepare(recipe: RecipeConfig, out_dir: Path, data_dir: Path | None = None):
+    """Build the data (if absent), train the tokenizer (if absent), make the processor.
+
+    Returns:
+        (train datasets per family, processor).
+    """
+    from zoo.pipelines.data.build import build_all
+    from zoo.processor import MultimodalProcessor
+    from zoo.tokenizer import load_tokenizer, train_tokenizer
+
+    families = {f for s in recipe.stages for f in s.data}
+    data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
+    missing = sorted(f for f in families | {"corpus"} if not (data_dir / f).is_dir())
+    if missing:
+        build_all(data_dir, recipe.data.get("max_per_split"), families=tuple(missing))
+    datasets = load_datasets(data_dir, families | {"corpus"})
+    tokenizer_dir = out_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        vocab = recipe.model.lm.config.get("vocab_size")
+        if vocab != recipe.tokenizer_vocab:
+            raise ValueError(f"recipe {recipe.name!r}: tokenizer_vocab {recipe.tokenizer_vocab} != the LM's vocab_size {vocab}")
+        texts = [t for samples in datasets.values() for s in samples for t in (s.instruction, s.answer) if t]
+        train_tokenizer(texts, vocab_size=recipe.tokenizer_vocab).save_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    processor = MultimodalProcessor.from_model(build_model(recipe.model), tokenizer)
+    return {f: d for f, d in datasets.items() if f in families}, processor
+
+
+def run_recipe(
+    recipe: RecipeConfig,
+    out_dir: str | Path,
+    *,
+    only: list[str] | None = None,
+    resume: bool = False,
+    data_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Run the recipe's stages in order (or only the named ones), each from the one before.
+
+    Args:
+        recipe: the recipe.
+        out_dir: run directory: `data/`, `tokenizer/`, and `<stage>/` per stage.
+        only: stage names to run (each needs its previous stage's output on disk).
+        resume: continue each stage from its newest training checkpoint.
+        data_dir: read (or build) the data here instead of `out_dir/data`.
+
+    Returns:
+        output name -> checkpoint directory, for every stage run.
+    """
+    out_dir = Path(out_dir)
+    for name in only or []:
+        recipe.stage(name)  # names an unknown stage
+    datasets, processor = prepare(recipe, out_dir, data_dir)
+    outputs = {}
+    for stage in recipe.stages:
+        if only and stage.name not in only:
+            continue
+        outputs.update(run_stage(recipe, stage, out_dir, datasets, processor, resume=resume))
+    return outputs
