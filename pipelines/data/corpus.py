@@ -1,7 +1,7 @@
 """Plain text for training the tokenizer and pretraining the tiny LM.
 
-Sources: WordNet noun definitions (``"<word>: <definition>"``; the synsets' own train/val split,
-and none from the test split, so the LM never reads held-out answers of the ``text`` family),
+Sources: WordNet noun definitions (``"<word>: <definition>"``; the synsets' own train/val split
+from `wordnet.synset_splits`, and none from the test split, so the LM never reads held-out answers of the ``text`` family),
 fortunes (Debian ``fortunes-min``; split by hash of the fortune), and the word list
 ``/usr/share/dict/words`` (Debian ``wamerican``; tokenizer only).
 """
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .schema import order_key, split_of
-from .wordnet import DATA_NOUN, load_noun_synsets
+from .wordnet import DATA_NOUN, load_noun_synsets, noun_synset_splits
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 WORDS = Path("/usr/share/dict/words")
@@ -61,7 +61,9 @@ def corpus_lines(split: str, max_lines: int | None = None, *, data_noun: str | o
     """
     if split not in CORPUS_SPLITS:
         raise ValueError(f"corpus split must be one of {CORPUS_SPLITS}, got {split!r}")
-    lines = [(s.key, f"{s.lemmas[0]}: {s.definition}") for s in load_noun_synsets(str(data_noun)) if split_of(s.key) == split]
+    synsets = load_noun_synsets(str(data_noun))
+    splits = noun_synset_splits(str(data_noun))
+    lines = [(s.key, f"{s.lemmas[0]}: {s.definition}") for s in synsets if splits[s.key] == split]
     for text in read_fortunes(fortunes_dir):
         if split_of("fortune/" + text) == split:
             lines.append(("fortune/" + text, text))

@@ -77,6 +77,42 @@ def load_noun_synsets(path: str | os.PathLike = DATA_NOUN) -> tuple[Synset, ...]
     return tuple(out)
 
 
+def synset_splits(synsets: tuple[Synset, ...] | list[Synset], val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, str]:
+    """Split of every synset, keeping synsets that share a first word or a definition together.
+
+    WordNet repeats definitions across synsets (~380 times) and words across senses; splitting by
+    synset alone would put the same question in train and test. Synsets are grouped by union-find
+    over (first word, lower-cased) and definition; a group's split is the hash of its smallest key.
+
+    Returns:
+        ``{synset.key: split}``.
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for syn in synsets:
+        for node in (f"w:{syn.lemmas[0].lower()}", f"d:{syn.definition}"):
+            a, b = find(syn.key), find(node)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # "wn-..." sorts after "d:"/"w:"; roots stay stable
+    roots: dict[str, str] = {}
+    for syn in synsets:  # name each group by its smallest synset key
+        r = find(syn.key)
+        roots[r] = min(roots.get(r, syn.key), syn.key)
+    return {syn.key: split_of(roots[find(syn.key)], val_fraction, test_fraction) for syn in synsets}
+
+
+@lru_cache(maxsize=4)
+def noun_synset_splits(path: str | os.PathLike = DATA_NOUN, val_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, str]:
+    """`synset_splits` of the installed ``data.noun``, computed once per process (do not mutate)."""
+    return synset_splits(load_noun_synsets(str(path)), val_fraction, test_fraction)
+
+
 @dataclass(frozen=True)
 class _Candidate:
     synset: Synset
@@ -99,7 +135,7 @@ def build_wordnet_instructions(
 ) -> dict[str, list[Sample]]:
     """Text-only instruction samples from WordNet noun synsets.
 
-    Question types (all questions about one synset share its split, by hash of the synset id):
+    Question types (all questions about one synset share its split; see `synset_splits`):
 
     - ``define``: "Define: <word>" -> definition;
     - ``name``: "What word means: <definition>?" -> the synset's first word;
@@ -122,9 +158,10 @@ def build_wordnet_instructions(
     if unknown or not question_types:
         raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types}")
     synsets = [s for s in load_noun_synsets(str(path)) if len(s.definition) <= max_definition_chars]
+    splits = noun_synset_splits(str(path), val_fraction, test_fraction)
     cands = []
     for syn in synsets:
-        split = split_of(syn.key, val_fraction, test_fraction)
+        split = splits[syn.key]
         cands.extend(_Candidate(syn, q, split) for q in question_types)
     picked = pick_per_split(cands, lambda c: c.split, lambda c: c.key, max_per_split)
     return {split: [_make(c, synsets) for c in cs] for split, cs in picked.items()}
