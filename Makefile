@@ -25,3 +25,4 @@ test: setup
 
 bench: setup
 	$(PY) bench/moe_layer.py
+	$(PY) bench/kernels.py  # needs a CUDA GPU; exits with a message on CPU

@@ -29,7 +29,7 @@ def _image_to_tensor(image: Any) -> torch.Tensor:
             arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
             raise ValueError(f"ImageProcessor: an array image must be [H, W] or [H, W, C], got shape {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float()  # PIL arrays are read-only
         if arr.dtype == np.uint8:
             x = x / 255.0
     if x.shape[0] == 1:
