@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from zoo.registry import Registry, RegistryError, Version, VersionSpec, get_card, list_models, parse_card
+from zoo.registry import Metric, Registry, RegistryError, Version, VersionSpec, get_card, list_models, parse_card
 
 SHA = "ab" * 32
 
@@ -31,7 +31,7 @@ def _card(directory, stem, name="tiny-moe", version="1.0.0", task_family="text",
 
 def test_parse_a_full_card(tmp_path):
     path = _card(
-        tmp_path, "a", recipe="configs/recipes/tiny.yaml", base_components="[qwen2-tiny, vit-tiny]",
+        tmp_path, "a", recipe="configs/recipes/tiny.yaml", output="lora-vqa", base_components="[qwen2-tiny, vit-tiny]",
         extra=textwrap.dedent(
             """\
             metrics:
@@ -44,6 +44,7 @@ def test_parse_a_full_card(tmp_path):
     assert card.config == {"lm": {"hidden_size": 32}, "moe": {"num_experts": 4}}
     assert card.metrics[0].value == 0.75 and card.metrics[0].command.startswith("zoo eval")
     assert card.base_components == ("qwen2-tiny", "vit-tiny")
+    assert card.output == "lora-vqa" and card.resolve_path(card.recipe) == tmp_path.parent / "configs/recipes/tiny.yaml"
     assert card.sha256 == SHA and card.path == path
     assert card.body == "# Card\nProse.\n"
 
@@ -61,6 +62,10 @@ def test_parse_a_full_card(tmp_path):
         ({"name": "Tiny MoE"}, "", "field 'name'='Tiny MoE' must match"),
         ({}, "metrics:\n  - {name: acc, value: 0.5}\n", r"metrics\[0\] \('acc'\) has no 'command'"),
         ({}, "metrics:\n  - {name: acc, value: high, command: x}\n", "value must be a number"),
+        ({}, "metrics:\n  acc: 0.5\n", "as a mapping must be name -> "),
+        ({}, "metrics:\n  acc: {value: 0.5}\n", r"metrics\[0\] \('acc'\) has no 'command'"),
+        ({"recipe": "configs/recipes/tiny.yaml"}, "", "needs 'output': the recipe output it releases"),
+        ({"output": "lora-vqa"}, "", "'output' names a recipe output but the card has no 'recipe'"),
     ],
 )
 def test_bad_cards_name_the_file_and_field(tmp_path, fields, extra, message):
@@ -68,6 +73,12 @@ def test_bad_cards_name_the_file_and_field(tmp_path, fields, extra, message):
     with pytest.raises(RegistryError, match=message) as info:
         parse_card(path)
     assert str(path) in str(info.value)
+
+
+def test_metrics_as_mapping_or_empty(tmp_path):
+    card = parse_card(_card(tmp_path, "m", extra='metrics:\n  accuracy: {value: 0.9, command: "zoo eval x"}\n'))
+    assert card.metrics == (Metric("accuracy", 0.9, "zoo eval x"),)
+    assert parse_card(_card(tmp_path, "e", extra="metrics: {}\n")).metrics == ()
 
 
 def test_front_matter_must_be_delimited(tmp_path):

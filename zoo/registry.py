@@ -11,11 +11,16 @@ A card is the single source of truth for one released checkpoint::
     config: {...}                  # the model config (a mapping) or a path to a config file
     uri: https://... | hf://org/repo@rev | file://...   # and/or `recipe:` for checkpoints we build
     sha256: <64 hex digits>        # required for http(s) files
-    recipe: configs/recipes/x.yaml # how `zoo build` makes it
+    recipe: configs/recipes/x.yaml # how `zoo build` makes it (paths relative to the repository)
+    output: lora-vqa               # which of the recipe's outputs this card releases
     base_components: [Qwen2-0.5B, ...]
     metrics:
       - {name: accuracy, value: 0.71, command: "zoo eval moe-llava-tiny --task x", dataset: x}
     ---
+
+`metrics` may also be a mapping `name: {value, command[, dataset]}`, and `{}` (or `[]`) while
+nothing has been measured yet (built checkpoints get their measured metrics in the installed copy
+of the card).
     Prose...
 
 Versions are compared as semver (numbers as numbers, pre-releases before releases), never as
@@ -39,7 +44,7 @@ import yaml
 
 CARD_FIELDS = frozenset(
     {"name", "version", "task_family", "description", "license", "config", "uri", "sha256", "recipe",
-     "base_components", "metrics"}
+     "output", "base_components", "metrics"}
 )
 REQUIRED_FIELDS = ("name", "version", "task_family", "description", "license", "config")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -197,7 +202,10 @@ class ModelCard:
         uri: where the checkpoint is downloaded from (None for ones built locally).
         sha256: full sha256 of the file at `uri` (None for directories with their own manifest,
             `hf://` snapshots, and built checkpoints).
-        recipe: the recipe that builds it (`zoo build NAME`).
+        recipe: the recipe that builds it (`zoo build NAME`), relative to the repository root
+            (the parent of the cards directory) unless absolute.
+        output: the recipe output this card releases (a stage name, or `<lora stage>-<family>`);
+            required with `recipe`.
         base_components: pretrained parts it starts from.
         metrics: measured metrics with their commands.
         path: the card file.
@@ -213,6 +221,7 @@ class ModelCard:
     uri: str | None = None
     sha256: str | None = None
     recipe: str | None = None
+    output: str | None = None
     base_components: tuple[str, ...] = ()
     metrics: tuple[Metric, ...] = ()
     path: Path | None = None
@@ -222,6 +231,16 @@ class ModelCard:
     def ref(self) -> str:
         """`name@version`."""
         return f"{self.name}@{self.version}"
+
+    @property
+    def root(self) -> Path:
+        """The directory the card's relative paths (`recipe`, `config`) are relative to."""
+        return self.path.resolve().parent.parent if self.path is not None else Path.cwd()
+
+    def resolve_path(self, relative: str) -> Path:
+        """A card path field (`recipe`, a `config` path) as an absolute path."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.root / p
 
 
 def _split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
@@ -252,6 +271,10 @@ def _text(data: dict, key: str, where: str, pattern: re.Pattern | None = None) -
 def _metrics(raw: Any, where: str) -> tuple[Metric, ...]:
     if raw is None:
         return ()
+    if isinstance(raw, dict):  # {name: {value, command[, dataset]}}
+        if not all(isinstance(k, str) and isinstance(v, dict) and "name" not in v for k, v in raw.items()):
+            raise RegistryError(f"{where}: 'metrics' as a mapping must be name -> {{value, command[, dataset]}}")
+        raw = [{"name": k, **v} for k, v in raw.items()]
     if not isinstance(raw, list):
         raise RegistryError(f"{where}: 'metrics' must be a list of {{name, value, command[, dataset]}}")
     out = []
@@ -297,6 +320,11 @@ def parse_card(path: str | os.PathLike) -> ModelCard:
         raise RegistryError(f"{where}: a card needs a 'uri' to download from or a 'recipe' that builds it")
     if uri is not None and (not isinstance(uri, str) or not uri.strip()):
         raise RegistryError(f"{where}: 'uri' must be a non-empty string")
+    output = data.get("output")
+    if recipe is not None and output is None:
+        raise RegistryError(f"{where}: a card with a 'recipe' needs 'output': the recipe output it releases (e.g. lora-vqa)")
+    if output is not None and recipe is None:
+        raise RegistryError(f"{where}: 'output' names a recipe output but the card has no 'recipe'")
     sha256 = data.get("sha256")
     if sha256 is not None:
         if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.lower()):
@@ -317,6 +345,7 @@ def parse_card(path: str | os.PathLike) -> ModelCard:
         uri=uri.strip() if isinstance(uri, str) else None,
         sha256=sha256,
         recipe=_text(data, "recipe", where) if recipe is not None else None,
+        output=_text(data, "output", where, _NAME_RE) if output is not None else None,
         base_components=tuple(base),
         metrics=_metrics(data.get("metrics"), where),
         path=path,

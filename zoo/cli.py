@@ -1,0 +1,212 @@
+"""The `zoo` command: `zoo list | load | build | export | publish`.
+
+    zoo list [PATTERN] [--task-family F] [--all-versions]
+    zoo load NAME[@VERSION] [--version V] [--device D] [--dtype T]
+    zoo build NAME[@VERSION] [--force] [--resume]
+    zoo export NAME[@VERSION]|CHECKPOINT_DIR --format hf --out DIR [--overwrite]
+    zoo publish DIR --repo org/name [--revision R] [--private] [--message M] [--dry-run]
+
+Every command exits 0 on success, 2 on a usage error, and 1 with one `zoo: error: ...` line
+naming the cause (an unknown model, a version no release satisfies, a model not built yet with
+the command that builds it, a corrupted file, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from zoo.checkpoint import CheckpointError, verify_checkpoint
+from zoo.export import FORMATS, ExportError
+from zoo.hub import HubError
+from zoo.loading import (
+    LoadError,
+    build,
+    install_dir,
+    is_installed,
+    load_directory,
+    locate,
+    render_card,
+)
+from zoo.registry import Registry, RegistryError
+
+_ERRORS = (RegistryError, LoadError, CheckpointError, HubError, ExportError)
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _status(card) -> str:
+    if is_installed(card):
+        return "installed"
+    if card.uri is not None:
+        return "remote"
+    return "not built"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cards = Registry.from_dir(args.cards_dir).list(args.pattern, args.task_family, all_versions=args.all_versions)
+    if not cards:
+        what = " and ".join(x for x in (args.pattern and f"pattern {args.pattern!r}",
+                                        args.task_family and f"task family {args.task_family!r}") if x)
+        print(f"no registered model matches {what or 'anything'}", file=sys.stderr)
+        return 0
+    rows = [("NAME", "VERSION", "TASK FAMILY", "STATUS", "DESCRIPTION")]
+    rows += [(c.name, str(c.version), c.task_family, _status(c), c.description) for c in cards]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    return 0
+
+
+def _resolve_model(target: str, version: str | None, cards_dir, device: str = "cpu", dtype=None):
+    """(model, processor, config, checkpoint dir, card or None) for a name or a checkpoint directory."""
+    path = Path(target)
+    if version is None and path.is_dir():
+        model, processor, cfg = load_directory(path, device=device, dtype=dtype)
+        return model, processor, cfg, path, None
+    card = Registry.from_dir(cards_dir).get(target, version)
+    directory = locate(card)
+    model, processor, cfg = load_directory(directory, device=device, dtype=dtype, card=card)
+    return model, processor, cfg, directory, card
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, processor, cfg, directory, card = _resolve_model(args.name, args.version, args.cards_dir, args.device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    lm = type(model.language_model).__name__
+    print(f"{card.ref if card else args.name}: {cfg.name}, {n_params:,} parameters, LM {lm}, "
+          f"media {sorted(model.encoders) or 'none'}, from {directory}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    registry = Registry.from_dir(args.cards_dir)
+    card = registry.get(args.name, args.version)
+    if is_installed(card) and not args.force:
+        print(f"{card.ref} is already built at {install_dir(card)} (pass --force to rebuild)")
+        return 0
+    installed = build(card.name, str(card.version), force=args.force, resume=args.resume, cards_dir=args.cards_dir)
+    for ref, path in installed.items():
+        print(f"installed {ref} at {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from zoo.export import export_multimodal
+
+    model, processor, cfg, directory, card = _resolve_model(args.name, args.version, args.cards_dir)
+    text = render_card(card) if card is not None else None
+    if card is not None and (directory / "README.md").is_file():
+        text = (directory / "README.md").read_text(encoding="utf-8")  # the installed card, with metrics
+    out = export_multimodal(model, processor, cfg, args.out, format=args.format,
+                            name=card.name if card else cfg.name, card_text=text, overwrite=args.overwrite)
+    print(f"exported {card.ref if card else args.name} to {out} (see {out / 'README.md'})")
+    return 0
+
+
+def upload_folder(**kwargs):
+    """`huggingface_hub.upload_folder` (a seam for tests)."""
+    import huggingface_hub
+
+    return huggingface_hub.upload_folder(**kwargs)
+
+
+def create_repo(**kwargs):
+    """`huggingface_hub.create_repo` (a seam for tests)."""
+    import huggingface_hub
+
+    return huggingface_hub.create_repo(**kwargs)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise LoadError(f"publish: {str(folder)!r} is not a directory (give a checkpoint or `zoo export` directory)")
+    if (folder / "manifest.json").is_file():
+        verify_checkpoint(folder)  # never upload a corrupted directory
+    else:
+        raise LoadError(f"publish: {str(folder)!r} has no manifest.json; publish a zoo checkpoint or a `zoo export` output")
+    owner, _, repo = args.repo.partition("/")
+    if not owner or not repo or "/" in repo:
+        raise LoadError(f"publish: --repo must be 'org/name', got {args.repo!r}")
+    upload = {"repo_id": args.repo, "folder_path": str(folder), "repo_type": "model",
+              "commit_message": args.message or f"Upload {folder.name} with moe-zoo", "revision": args.revision}
+    if args.dry_run:
+        print(f"would upload {folder} to https://huggingface.co/{args.repo}" + (f" at {args.revision}" if args.revision else ""))
+        return 0
+    create_repo(repo_id=args.repo, repo_type="model", private=args.private, exist_ok=True)
+    info = upload_folder(**upload)
+    print(f"uploaded {folder} to https://huggingface.co/{args.repo}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="moe-zoo: list, load, build, export and publish models.")
+    p.add_argument("--cards-dir", default=os.environ.get("ZOO_MODEL_CARDS"),
+                   help="model cards directory (default: $ZOO_MODEL_CARDS or the repository's model_cards/)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,load,build,export,publish}")
+
+    s = sub.add_parser("list", help="registered models, their versions and whether they are installed")
+    s.add_argument("pattern", nargs="?", help="glob over names, e.g. 'tiny-zoo-*'")
+    s.add_argument("--task-family", help="only this task family")
+    s.add_argument("--all-versions", action="store_true", help="every version, not only the newest")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("load", help="load a model (checks every file) and print a summary")
+    s.add_argument("name", help="NAME or NAME@VERSION (e.g. tiny-zoo-vqa@^1.0), or a checkpoint directory")
+    s.add_argument("--version", help="exact version or range (^1.0, ~1.2)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", choices=_DTYPES)
+    s.set_defaults(func=cmd_load)
+
+    s = sub.add_parser("build", help="run a card's recipe and install its checkpoint under $ZOO_HOME/models")
+    s.add_argument("name", help="NAME or NAME@VERSION")
+    s.add_argument("--version", help="exact version or range")
+    s.add_argument("--force", action="store_true", help="rebuild even if installed")
+    s.add_argument("--resume", action="store_true", help="continue the recipe's stages from their last checkpoints")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("export", help="write a model as transformers-native files")
+    s.add_argument("name", help="NAME, NAME@VERSION, or a checkpoint directory")
+    s.add_argument("--version", help="exact version or range")
+    s.add_argument("--format", required=True, choices=(*FORMATS, "llava"),
+                   help="hf: the LM as MixtralForCausalLM/Qwen2MoeForCausalLM (or its dense class) + encoder and "
+                        "connector safetensors; llava: explains why our timm/open_clip towers cannot be LLaVA")
+    s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("publish", help="upload a checkpoint or export directory to the Hugging Face Hub")
+    s.add_argument("dir", help="a directory with a manifest.json (checked before upload)")
+    s.add_argument("--repo", required=True, help="org/name on the Hub")
+    s.add_argument("--revision", help="branch to commit to")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.add_argument("--message", help="commit message")
+    s.add_argument("--dry-run", action="store_true", help="check and print what would be uploaded")
+    s.set_defaults(func=cmd_publish)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage)."""
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except _ERRORS as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "make_parser"]

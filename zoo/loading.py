@@ -1,0 +1,466 @@
+"""`zoo.load`, `zoo build` and installed checkpoints: registry card -> verified local model.
+
+Where a card's checkpoint comes from, in order:
+
+1. an installed copy at `$ZOO_HOME/models/<name>/<version>/` (written by `zoo build`, or an
+   archive unpacked there by an earlier `zoo.load`);
+2. the card's `uri` (see `zoo.hub.resolve`): a checkpoint directory is used in place (local
+   path, `file://`, an `hf://` snapshot); a `.tar` / `.tar.gz` archive of a checkpoint directory
+   (local or `https://`, where the card's `sha256` is the archive's) is unpacked atomically into
+   the install location;
+3. otherwise a card with a `recipe` is not built yet, and the error names the `zoo build` command.
+
+An installed checkpoint is a zoo checkpoint directory (`zoo.checkpoint`): `config.json` holds
+`{"model": ModelConfig.to_dict(), ...}`, the weights are safetensors, `tokenizer/*` holds the
+tokenizer, `README.md` is the model card (with measured metrics), and `manifest.json` has the
+sha256 of every file. Loading verifies the whole manifest first and never unpickles.
+
+The model library never imports the training code at import time: `build` imports
+`zoo.pipelines` inside the function.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from zoo.checkpoint import (
+    MANIFEST_NAME,
+    CheckpointError,
+    atomic_directory_write,
+    load_checkpoint,
+    read_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
+from zoo.hub import resolve, zoo_home
+from zoo.registry import Metric, ModelCard, Registry, RegistryError, _split_front_matter, get_card
+
+CARD_FILE = "README.md"
+TOKENIZER_DIR = "tokenizer"
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+class LoadError(Exception):
+    """A registered model cannot be located, built, or rebuilt from its checkpoint."""
+
+
+class NotBuiltError(LoadError):
+    """A card whose checkpoint the project builds itself has not been built yet."""
+
+
+def models_dir() -> Path:
+    """Where built and unpacked checkpoints are installed: `$ZOO_HOME/models`."""
+    return zoo_home() / "models"
+
+
+def install_dir(card: ModelCard) -> Path:
+    """`$ZOO_HOME/models/<name>/<version>` for a card."""
+    return models_dir() / card.name / str(card.version)
+
+
+def build_command(card: ModelCard) -> str:
+    """The shell command that builds `card`'s checkpoint."""
+    return f"zoo build {card.name}@{card.version}"
+
+
+def is_installed(card: ModelCard) -> bool:
+    """Whether a complete checkpoint (one with a manifest) is installed for `card`."""
+    return (install_dir(card) / MANIFEST_NAME).is_file()
+
+
+# --- cards inside checkpoints -------------------------------------------------------------------
+
+
+def _metric_dicts(metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(metrics, Mapping):
+        items = [{"name": k, **dict(v)} for k, v in metrics.items()]
+    else:
+        items = [{"name": m.name, "value": m.value, "command": m.command, "dataset": m.dataset} for m in metrics]
+    out = []
+    for m in items:
+        if not isinstance(m.get("command"), str) or not m["command"].strip():
+            raise LoadError(f"metric {m.get('name')!r} has no 'command' that measured it")
+        value = m.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoadError(f"metric {m.get('name')!r}: value must be a number, got {value!r}")
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def render_card(card: ModelCard, metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """The card file's text, with `metrics` (when given) replacing the card's metrics.
+
+    Args:
+        card: a parsed card (its file is re-read, so fields keep their written form).
+        metrics: `Metric`s or `{name: {value, command[, dataset]}}`.
+    """
+    if card.path is None:
+        raise LoadError(f"card {card.ref} has no file to render")
+    data, body = _split_front_matter(card.path.read_text(encoding="utf-8"), str(card.path))
+    if metrics is not None:
+        data["metrics"] = _metric_dicts(metrics)
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n" + body
+
+
+def read_card(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The front matter of a checkpoint's `README.md` card, or None when it has none."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        data, _ = _split_front_matter(path.read_text(encoding="utf-8"), str(path))
+    except RegistryError:
+        return None
+    return data
+
+
+def _copy_checkpoint(source: Path, tmp: Path, replace: Mapping[str, bytes]) -> None:
+    """Copy a verified checkpoint's files into `tmp`, replacing some, and write a new manifest."""
+    manifest = read_manifest(source)
+    for rel in manifest["files"]:
+        if rel in replace:
+            continue
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, dest)
+    for rel, data in replace.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    keep = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")}
+    write_manifest(tmp, **keep)
+
+
+def install(
+    card: ModelCard,
+    source: str | os.PathLike,
+    *,
+    metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Install a checkpoint directory as `card`'s model, with the card written into it.
+
+    The source is verified against its manifest, copied with `README.md` set to the card
+    (metrics replaced by `metrics` when given, else taken from the source's `config.json`
+    `metrics` entry when it has one, else the card's own), and renamed into place atomically.
+
+    Args:
+        card: the card being installed.
+        source: a zoo checkpoint directory (e.g. a recipe output).
+        metrics: measured metrics to put in the installed card.
+        overwrite: replace an installed copy.
+
+    Returns:
+        The installed directory.
+    """
+    source = Path(source)
+    verify_checkpoint(source)
+    if metrics is None:
+        config = _read_config(source)
+        if isinstance(config.get("metrics"), (Mapping, list)) and config["metrics"]:
+            metrics = config["metrics"] if isinstance(config["metrics"], Mapping) else [
+                Metric(m["name"], m["value"], m["command"], m.get("dataset")) for m in config["metrics"]
+            ]
+    text = render_card(card, metrics).encode("utf-8")
+    return atomic_directory_write(
+        install_dir(card), lambda tmp: _copy_checkpoint(source, tmp, {CARD_FILE: text}), overwrite=overwrite
+    )
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((directory / "config.json").read_text(encoding="utf-8"))
+
+
+def set_card_metrics(directory: str | os.PathLike, metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write measured metrics into an installed checkpoint's card, re-manifested atomically.
+
+    Args:
+        directory: an installed checkpoint with a `README.md` card.
+        metrics: `Metric`s or `{name: {value, command[, dataset]}}`; they replace the card's.
+    """
+    directory = Path(directory)
+    verify_checkpoint(directory)
+    path = directory / CARD_FILE
+    if not path.is_file():
+        raise LoadError(f"checkpoint {str(directory)!r} has no {CARD_FILE} card to write metrics into")
+    data, body = _split_front_matter(path.read_text(encoding="utf-8"), str(path))
+    data["metrics"] = _metric_dicts(metrics)
+    text = ("---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n" + body).encode("utf-8")
+    return atomic_directory_write(directory, lambda tmp: _copy_checkpoint(directory, tmp, {CARD_FILE: text}), overwrite=True)
+
+
+# --- locating a card's checkpoint ---------------------------------------------------------------
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def unpack_archive(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Unpack a `.tar[.gz|.bz2|.xz]` of a checkpoint directory into `target`, atomically.
+
+    The archive holds the checkpoint's files at its top level or inside one top-level folder.
+    Only regular files and folders with plain relative names are accepted. The unpacked
+    directory is verified against its manifest before it gets its final name; on any error
+    nothing is left at `target`.
+    """
+    archive = Path(archive)
+
+    def write(tmp: Path) -> None:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                for m in members:
+                    parts = Path(m.name).parts
+                    if Path(m.name).is_absolute() or ".." in parts or not (m.isfile() or m.isdir()):
+                        raise LoadError(
+                            f"archive {str(archive)!r}: member {m.name!r} is not a plain file or folder inside the archive"
+                        )
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, members=members, **kwargs)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise LoadError(f"archive {str(archive)!r} cannot be unpacked: {type(e).__name__}: {e}") from e
+        entries = list(tmp.iterdir())
+        if not (tmp / MANIFEST_NAME).is_file() and len(entries) == 1 and entries[0].is_dir():
+            inner = entries[0]
+            for child in list(inner.iterdir()):
+                os.replace(child, tmp / child.name)
+            inner.rmdir()
+        verify_checkpoint(tmp)
+
+    return atomic_directory_write(target, write)
+
+
+def locate(card: ModelCard) -> Path:
+    """The local checkpoint directory of `card`, fetching or unpacking it when needed.
+
+    Raises:
+        NotBuiltError: the card is built by a recipe and is not installed; names the command.
+        LoadError / zoo.hub.HubError: the uri cannot be resolved or is not a checkpoint.
+    """
+    installed = install_dir(card)
+    if (installed / MANIFEST_NAME).is_file():
+        return installed
+    if card.uri is not None:
+        path = resolve(card.uri, sha256=card.sha256)
+        if path.is_dir():
+            return path
+        if _is_archive(path):
+            if installed.exists():
+                raise LoadError(
+                    f"{str(installed)!r} exists but holds no complete checkpoint (no {MANIFEST_NAME}); remove it and load again"
+                )
+            return unpack_archive(path, installed)
+        raise LoadError(
+            f"{card.ref}: uri {card.uri!r} resolved to the file {str(path)!r}, which is neither a checkpoint "
+            f"directory nor a .tar archive of one"
+        )
+    if card.recipe is not None:
+        raise NotBuiltError(
+            f"{card.ref} is not built yet (no checkpoint at {str(installed)!r}); build it with:\n"
+            f"    {build_command(card)}\n"
+            f"which runs the recipe {card.recipe} and installs its output {card.output!r}"
+        )
+    raise LoadError(f"{card.ref}: the card has neither a 'uri' nor a 'recipe'")
+
+
+# --- rebuilding the model -----------------------------------------------------------------------
+
+
+def load_directory(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    card: ModelCard | None = None,
+):
+    """Load a `MultimodalMoE` and its processor from a zoo checkpoint directory (verified).
+
+    Args:
+        directory: a checkpoint whose `config.json` has `{"model": ModelConfig dict}` and whose
+            extra files include `tokenizer/*`.
+        device: where to put the model.
+        dtype: cast the model to this dtype; by default the saved dtype (bit-exact weights).
+        card: when given, a card inside the checkpoint must name the same model and version.
+
+    Returns:
+        `(model, processor, model_config)`: the model in eval mode, its `MultimodalProcessor`,
+        and the `ModelConfig`.
+    """
+    from zoo.config import ModelConfig
+    from zoo.model import build_model
+    from zoo.processor import MultimodalProcessor
+    from zoo.tokenizer import load_tokenizer
+
+    root = Path(directory)
+    state, config, paths = load_checkpoint(root)
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint {str(root)!r}: config.json has no 'model' entry (a ModelConfig); zoo.load reads "
+            "multimodal checkpoints such as the recipe outputs (for a bare MoECausalLM use zoo.checkpoint.load_moe_lm)"
+        )
+    inner = read_card(root)
+    if card is not None and inner is not None:
+        if inner.get("name") != card.name or str(inner.get("version")) != str(card.version):
+            raise LoadError(
+                f"{str(root)!r} holds {inner.get('name')}@{inner.get('version')}, not {card.ref}; "
+                f"rebuild it with `{build_command(card)} --force`"
+            )
+    cfg = ModelConfig.from_dict(config["model"])
+    # Every weight comes from the checkpoint: never fetch or unpickle the configured pretrained files.
+    cfg.lm.weights = None
+    for enc in cfg.encoders.values():
+        enc.weights = None
+    floating = {t.dtype for t in state.values() if t.is_floating_point()}
+    model = build_model(cfg)
+    if len(floating) == 1:
+        model = model.to(dtype=floating.pop())
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r} does not match the model its config builds: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    model = model.to(device=device)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    if not any(rel.startswith(TOKENIZER_DIR + "/") for rel in paths):
+        raise CheckpointError(f"checkpoint {str(root)!r} has no {TOKENIZER_DIR}/ files; it cannot make a processor")
+    processor = MultimodalProcessor.from_model(model, load_tokenizer(root / TOKENIZER_DIR))
+    return model.eval(), processor, cfg
+
+
+def load(
+    name: str,
+    version: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    cards_dir: str | os.PathLike | None = None,
+):
+    """Load a registered model and its processor.
+
+    Args:
+        name: a model name (or `name@version-request`).
+        version: None (newest release), an exact version "1.2.0", or a range "^1.0" / "~1.2".
+        device: where to put the model.
+        dtype: cast to this dtype (default: the saved one).
+        cards_dir: the cards directory (default: `zoo.registry.default_cards_dir()`).
+
+    Returns:
+        `(model, processor)`: a `MultimodalMoE` in eval mode and its `MultimodalProcessor`.
+
+    Raises:
+        zoo.registry.RegistryError: unknown name or no version satisfies `version`.
+        NotBuiltError: the card is built by a recipe that has not run; the message names the command.
+        zoo.checkpoint.CheckpointError: a file is missing, truncated or corrupted (named).
+        zoo.hub.HubError: the uri cannot be fetched or its sha256 differs.
+    """
+    card = get_card(name, version, cards_dir=cards_dir)
+    path = locate(card)
+    try:
+        model, processor, _ = load_directory(path, device=device, dtype=dtype, card=card)
+    except CheckpointError as e:
+        fix = (f"rebuild it with `{build_command(card)} --force`" if card.recipe and path == install_dir(card)
+               else f"remove {str(path)!r} so that it is fetched again" if path == install_dir(card)
+               else "fix or replace that directory")
+        raise CheckpointError(f"{card.ref}: {e}; {fix}") from e
+    return model, processor
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def recipe_outputs(recipe) -> list[str]:
+    """The output names a recipe's run returns (stage names; `<stage>-<family>` for LoRA stages)."""
+    out = []
+    for stage in recipe.stages:
+        if stage.kind == "lora":
+            out.extend(f"{stage.name}-{family}" for family in sorted(stage.data))
+        else:
+            out.append(stage.name)
+    return out
+
+
+def build(
+    name: str,
+    version: str | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    cards_dir: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+) -> dict[str, Path]:
+    """Run a card's recipe into the cache and install its output (and its siblings').
+
+    Every card naming the same recipe file has its output installed from the same run, so one
+    `zoo build` of the tiny zoo installs all of it.
+
+    Args:
+        name: model name (or `name@version-request`).
+        version: version request.
+        force: re-run the recipe and replace installed copies even if already built.
+        resume: continue the recipe's stages from their newest training checkpoints.
+        cards_dir: the cards directory.
+        run_dir: the recipe's run directory (default `$ZOO_HOME/runs/<recipe file stem>`).
+
+    Returns:
+        `name@version` -> installed directory, for every card installed (just the requested
+        one when it was already built and `force` is off).
+    """
+    registry = Registry.from_dir(cards_dir)
+    card = registry.get(name, version)
+    if card.recipe is None:
+        raise LoadError(f"{card.ref} has no recipe to build it; it is fetched from {card.uri} by zoo.load / `zoo load`")
+    if is_installed(card) and not force:
+        return {card.ref: install_dir(card)}
+    recipe_path = card.resolve_path(card.recipe)
+    if not recipe_path.is_file():
+        raise LoadError(f"{card.ref}: its recipe {card.recipe!r} does not exist (looked at {str(recipe_path)!r})")
+
+    from zoo.pipelines.stages import RecipeConfig, run_recipe  # training code: imported here only
+
+    recipe = RecipeConfig.load(recipe_path)
+    names = recipe_outputs(recipe)
+    if card.output not in names:
+        raise LoadError(f"{card.ref}: output {card.output!r} is not one the recipe {card.recipe} writes: {names}")
+    run_dir = Path(run_dir) if run_dir is not None else zoo_home() / "runs" / recipe_path.stem
+    outputs = run_recipe(recipe, run_dir, resume=resume)
+    siblings = [c for n in registry.names() for c in registry.list(n, all_versions=True)
+                if c.recipe is not None and c.resolve_path(c.recipe).resolve() == recipe_path.resolve()]
+    installed = {}
+    for sib in siblings:
+        if sib.output in outputs:  # the run just retrained it: replace any older install
+            installed[sib.ref] = install(sib, outputs[sib.output], overwrite=True)
+    if card.ref not in installed:
+        raise LoadError(f"{card.ref}: the recipe run returned {sorted(outputs)}, without {card.output!r}")
+    return installed
+
+
+__all__ = [
+    "LoadError",
+    "NotBuiltError",
+    "build",
+    "build_command",
+    "install",
+    "install_dir",
+    "is_installed",
+    "load",
+    "load_directory",
+    "locate",
+    "models_dir",
+    "read_card",
+    "recipe_outputs",
+    "render_card",
+    "set_card_metrics",
+    "unpack_archive",
+]
