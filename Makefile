@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-package
 	bash .ci/install-debian-packages pipelines/data/debian-packages.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,deepspeed]'
 	touch $@
 
 setup: $(VENV)/.installed

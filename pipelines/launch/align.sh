@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Run the `align` stage of a recipe on DeepSpeed (variables: see _launch.sh and README.md here).
+#   pipelines/launch/align.sh --recipe configs/recipes/<name>.yaml --out RUN_DIR [runner args...]
+exec "$(dirname "$0")/_launch.sh" --stage align "$@"

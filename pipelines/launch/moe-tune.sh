@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Run the `moe-tune` stage of a recipe on DeepSpeed (variables: see _launch.sh and README.md here).
+#   pipelines/launch/moe-tune.sh --recipe configs/recipes/<name>.yaml --out RUN_DIR [runner args...]
+exec "$(dirname "$0")/_launch.sh" --stage moe-tune "$@"

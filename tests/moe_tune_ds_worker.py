@@ -1,0 +1,128 @@
+"""Worker for the DeepSpeed tests: a few `moe-tune` steps of a tiny upcycled LM (attention frozen).
+
+Run under a launcher, e.g. `torchrun --standalone --nproc_per_node 2 tests/moe_tune_ds_worker.py OUT
+--ep-size 2`, or through the launch scripts: `ENTRY=tests/moe_tune_ds_worker.py GPUS_PER_NODE=2 EP_SIZE=2
+pipelines/launch/moe-tune.sh OUT`. Every micro-batch is a global batch of 4 sequences split over the data-parallel
+ranks, so the 1-process reference (`reference_run`) sees the same tokens as grad_accum=dp micro-batches.
+
+Writes to OUT: the trainer's `metrics.jsonl` and `checkpoints/`, and per rank `rank<r>.json`
+(local loss per micro-batch, global grad norm per step, layout) plus `rank<r>-init.safetensors` / `rank<r>-final.safetensors`
+(the rank's parameters before and after training, expert shards included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from zoo import upcycle  # noqa: E402
+from zoo.pipelines.engine import OptimConfig  # noqa: E402
+from zoo.pipelines.train import TrainConfig, train  # noqa: E402
+
+GLOBAL_BATCH = 4
+
+
+def tiny_moe_tune_model():
+    """Tiny Llama upcycled to 4 experts top-2, no jitter; only the MoE layers (router + experts) train."""
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    model = upcycle(lm, num_experts=4, top_k=2)
+    with torch.no_grad():  # break the copies' symmetry so each expert (and shard) is distinct
+        for moe in model.moe_layers().values():
+            moe.experts.gate_up_proj.add_(torch.randn_like(moe.experts.gate_up_proj) * 0.02)
+    for name, p in model.named_parameters():
+        p.requires_grad = "mlp" in name
+    return model
+
+
+def global_batch(i: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    ids = torch.randint(0, 64, (GLOBAL_BATCH, 16), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def shard_of(batch: dict[str, torch.Tensor], part: int, parts: int) -> dict[str, torch.Tensor]:
+    n = GLOBAL_BATCH // parts
+    return {k: v[part * n:(part + 1) * n] for k, v in batch.items()}
+
+
+def optim_config(precision: str = "fp32", grad_accum: int = 1) -> OptimConfig:
+    return OptimConfig(lr=1e-2, warmup_steps=1, grad_clip=0.13, grad_accum=grad_accum, precision=precision)
+
+
+def reference_run(out: str, steps: int, parts: int = 2):
+    """The 1-process run: TorchEngine, each global batch as `parts` accumulated micro-batches."""
+    from zoo.pipelines.engine import TorchEngine
+
+    model = tiny_moe_tune_model()
+    cfg = TrainConfig(steps=steps, optim=optim_config(grad_accum=parts))
+    train(TorchEngine(model, cfg.optim, steps), lambda i: shard_of(global_batch(i // parts), i % parts, parts), cfg, out)
+    return model
+
+
+def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool) -> None:
+    """Train with one DeepSpeed config into `out`; precision follows the config's name."""
+    from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
+
+    model = tiny_moe_tune_model()
+    precision = "bf16" if "bf16" in ds_config else "fp32"
+    cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision))
+    engine = DeepSpeedEngine(model, cfg.optim, cfg.steps, ds_config=ds_config, ep_size=ep_size)
+    r = engine.rank
+    os.makedirs(out, exist_ok=True)
+
+    def dump(tag: str) -> None:
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in model.named_parameters()},
+                  os.path.join(out, f"rank{r}-{tag}.safetensors"))
+
+    dump("init")
+    losses: list[float] = []
+    model.register_forward_hook(lambda m, args, output: losses.append(output.loss.item()))
+    grad_norms: list[float] = []
+    step = engine.step
+
+    def recording_step():
+        result = step()
+        if result is not None:
+            grad_norms.append(result.grad_norm)
+        return result
+
+    engine.step = recording_step
+    dp, dpn = engine.dp_rank, engine.dp_world_size
+    train(engine, lambda i: shard_of(global_batch(i), dp, dpn), cfg, out, resume=resume)
+    dump("final")
+    with open(os.path.join(out, f"rank{r}.json"), "w") as f:
+        json.dump({"losses": losses, "grad_norms": grad_norms, "dp_rank": dp, "dp_world_size": dpn,
+                   "ep_rank": engine.ep_rank, "ep_size": engine.ep_size, "world_size": engine.world_size}, f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--ds-config", default="zero2_fp32", help="one config, or several comma-separated: run one after "
+                   "the other in this process, each into OUT/<config> (a recipe's stages share a process too)")
+    p.add_argument("--ep-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--ckpt-every", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stage", choices=["moe-tune"], default="moe-tune", help="what pipelines/launch/<stage>.sh passes")
+    p.add_argument("--engine", choices=["deepspeed"], default="deepspeed", help="what pipelines/launch/*.sh passes")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    configs = a.ds_config.split(",")
+    for config in configs:
+        out = a.out if len(configs) == 1 else os.path.join(a.out, config)
+        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume)
+
+
+if __name__ == "__main__":
+    main()
