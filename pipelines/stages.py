@@ -42,25 +42,37 @@ DEFAULT_TRAINS = {
     "align": ["connectors.*"],
     "specialize": ["language_model.*", "connectors.*"],
     "moe-tune": ["language_model.*.mlp.moe.*"],  # routers + experts; attention, norms, embeddings frozen
-    "lora": ["*lora_*"],
+    "lora": ["*lora_*"],  # mixlora: whatever the transform left trainable (LoRA + its routers)
 }
 
 
 @dataclass
 class LoRAStageConfig:
-    """LoRA settings of a `lora` stage (plain LoRA through PEFT).
+    """LoRA settings of a `lora` stage.
 
     Attributes:
+        kind: "plain" (PEFT LoRA on `target_modules`, merged after training) or "mixlora"
+            (LoRA experts with a top-k router inside each still-dense FFN, plus attention LoRA;
+            `zoo.lora.apply_mixlora`; the attention LoRA is merged, the LoRA experts stay).
         r: rank.
         alpha: scaling numerator (`alpha / r`).
         dropout: LoRA dropout.
         target_modules: module names to adapt inside the LM.
+        num_experts: mixlora: LoRA experts per FFN.
+        top_k: mixlora: experts per token (must equal the upcycled MoE's top_k, if any).
     """
 
+    kind: str = "plain"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_experts: int = 4
+    top_k: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("plain", "mixlora"):
+            raise ValueError(f"lora: kind {self.kind!r} is not one of ('plain', 'mixlora')")
 
 
 @dataclass
@@ -143,6 +155,10 @@ class RecipeConfig:
             data["model"] = str((Path(path).parent / data["model"]).resolve())
         return config_from_dict(cls, data)
 
+    def outputs(self) -> list[str]:
+        """Names of the checkpoints the recipe writes: each stage's name, or `<stage>-<family>` for lora."""
+        return [n for s in self.stages for n in ([f"{s.name}-{f}" for f in sorted(s.data)] if s.kind == "lora" else [s.name])]
+
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
             if s.name == name:
@@ -174,6 +190,10 @@ def load_model(path: Path) -> tuple[MultimodalMoE, ModelConfig]:
     ckpt = load_checkpoint(path)
     cfg = ModelConfig.from_dict(ckpt.config["model"])
     model = build_model(cfg)
+    if "mixlora" in ckpt.config:  # LoRA experts are modules, not merged weights: rebuild them first
+        from zoo.lora import apply_mixlora
+
+        model.language_model = apply_mixlora(model.language_model, **ckpt.config["mixlora"], attention_lora=False)
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model, cfg
 
@@ -208,9 +228,11 @@ def run_stage(
         torch.manual_seed(recipe.seed)
         model = build_model(cfg)
     else:
-        prev = recipe.stages[index - 1]
+        prev = next(s for s in reversed(recipe.stages[:index]) if s.kind != "lora") if stage.kind == "lora" else recipe.stages[index - 1]
         start = out_dir / prev.name / "model"
-        if prev.kind == "lora" or not start.is_dir():
+        if prev.kind == "lora":
+            raise ValueError(f"stage {stage.name!r} cannot start from the per-family outputs of lora stage {prev.name!r}")
+        if not start.is_dir():
             raise FileNotFoundError(
                 f"stage {stage.name!r} starts from stage {prev.name!r}'s output {start}, which does not exist: "
                 f"run stage {prev.name!r} first"
@@ -223,6 +245,7 @@ def run_stage(
     if stage.kind != "lora":
         result, trainable = _train_stage(model, stage, datasets, processor, stage_dir / "train",
                                          recipe.seed + index, resume, stage.name)
+        _plot_routing(model, processor, {f: datasets[f] for f in stage.data}, stage_dir / "expert_load.png", stage.name)
         path = save_model(model, cfg, stage_dir / "model", tokenizer_dir,
                           {"stage": stage.name, "trained": trainable, "final_loss": result.final_loss})
         return {stage.name: path}
@@ -230,25 +253,55 @@ def run_stage(
 
 
 def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index) -> dict[str, Path]:
-    """One PEFT LoRA per task family on a copy of `base`, merged back into a plain checkpoint."""
-    from peft import LoraConfig, get_peft_model
-
+    """One LoRA per task family on a copy of `base`, saved as a checkpoint `load_model` rebuilds."""
     outputs = {}
     for family in sorted(stage.data):
         model = copy.deepcopy(base)
-        lora_cfg = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-                              target_modules=stage.lora.target_modules)
-        peft_lm = get_peft_model(model.hf_model, lora_cfg)
-        _set_lm(model, peft_lm)
+        extra: dict[str, Any] = {"stage": stage.name, "task_family": family}
         family_stage = dataclasses.replace(stage, data={family: 1.0})
+        if stage.lora.kind == "plain":
+            from peft import LoraConfig, get_peft_model
+
+            peft_lm = get_peft_model(model.hf_model, LoraConfig(
+                r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+                target_modules=stage.lora.target_modules))
+            _set_lm(model, peft_lm)
+        else:
+            from zoo.lora import apply_mixlora
+
+            model.language_model = apply_mixlora(model.language_model, **_mixlora_args(stage.lora))
+            family_stage = dataclasses.replace(family_stage, trains=[n for n, p in model.named_parameters() if p.requires_grad])
+            extra["mixlora"] = _mixlora_args(stage.lora)
         result, trainable = _train_stage(model, family_stage, datasets, processor, stage_dir / family / "train",
                                          recipe.seed + index, resume, f"{stage.name}:{family}")
-        _set_lm(model, peft_lm.merge_and_unload())
+        if stage.lora.kind == "plain":
+            _set_lm(model, peft_lm.merge_and_unload())
+        else:
+            from zoo.lora import merge_lora
+
+            merge_lora(model.language_model, unload=True)  # attention LoRA -> plain weights; LoRA experts stay
+        _plot_routing(model, processor, {family: datasets[family]}, stage_dir / family / "expert_load.png",
+                      f"{stage.name}:{family}")
         outputs[f"{stage.name}-{family}"] = save_model(
             model, cfg, stage_dir / family / "model", tokenizer_dir,
-            {"stage": stage.name, "task_family": family, "trained": trainable, "final_loss": result.final_loss},
+            {**extra, "trained": trainable, "final_loss": result.final_loss},
         )
     return outputs
+
+
+def _mixlora_args(lora: LoRAStageConfig) -> dict[str, Any]:
+    return {"num_experts": lora.num_experts, "top_k": lora.top_k, "r": lora.r, "alpha": lora.alpha,
+            "dropout": lora.dropout, "layers": "dense"}
+
+
+def _plot_routing(model, processor, datasets, path: Path, title: str) -> None:
+    """After an MoE stage: write the per-layer expert load of each task family as a PNG."""
+    from zoo.pipelines.routing_plot import expert_load_by_family, plot_expert_load
+
+    loads = expert_load_by_family(model, processor, datasets)
+    if loads:
+        plot_expert_load(loads, path, f"{title}: expert load by task family (dashed: uniform)")
+        (path.with_suffix(".json")).write_text(json.dumps(loads, indent=1))
 
 
 def _set_lm(model: MultimodalMoE, hf_lm: torch.nn.Module) -> None:

@@ -27,9 +27,8 @@ def _weights(path):
 @pytest.mark.slow
 def test_every_stage_runs_and_writes_its_checkpoint(micro_run):
     recipe, out, outputs = micro_run
-    expected = [s.name for s in recipe.stages if s.kind != "lora"]
-    expected += [f"lora-{f}" for s in recipe.stages if s.kind == "lora" for f in sorted(s.data)]
-    assert list(outputs) == expected
+    assert list(outputs) == recipe.outputs()
+    assert "mixlora-text" in outputs and "lora-vqa" in outputs
     for path in outputs.values():
         assert (path / "manifest.json").exists() and (path / "tokenizer" / "tokenizer.json").exists()
 
@@ -62,6 +61,22 @@ def test_moe_tune_upcycles_the_specialized_ffn(micro_run):
     assert any(".mlp.moe.experts.gate_up_proj" in k for k in moe)
     assert torch.equal(dense["language_model.model.layers.1.mlp.gate_proj.weight"],
                        moe["language_model.lm.model.layers.1.mlp.gate_proj.weight"])  # dense layer kept
+
+
+@pytest.mark.slow
+def test_moe_stages_plot_expert_load_per_family(micro_run):
+    import json
+
+    recipe, out, outputs = micro_run
+    png = out / "moe-tune" / "expert_load.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loads = json.loads(png.with_suffix(".json").read_text())
+    assert set(loads) == set(recipe.stage("moe-tune").data)
+    for family, layers in loads.items():
+        assert set(layers) == {"0"}  # every_other on 2 layers: layer 0 only
+        assert sum(layers["0"]) == pytest.approx(1.0)
+    assert not (out / "specialize" / "expert_load.png").exists()  # dense stage: nothing to plot
+    assert (out / "lora" / "vqa" / "expert_load.png").exists()
 
 
 @pytest.mark.slow
@@ -111,3 +126,19 @@ def test_every_shipped_recipe_parses():
     for path in sorted(RECIPE.parent.glob("*.yaml")):
         recipe = RecipeConfig.load(path)
         assert recipe.stages, path
+
+
+@pytest.mark.slow
+def test_mixlora_output_reloads_with_its_lora_experts_over_the_frozen_ffn(micro_run):
+    from zoo.pipelines.stages import load_model
+
+    recipe, out, outputs = micro_run
+    base, mix = _weights(outputs["moe-tune"]), _weights(outputs["mixlora-text"])
+    experts = [k for k in mix if ".mlp.moe.experts.gate_lora_A" in k]
+    assert experts and all(".layers.1." in k for k in experts), "MixLoRA goes into the still-dense FFN (layer 1)"
+    for k, v in base.items():
+        if ".mlp." in k and ".layers.1." in k:  # the frozen dense FFN sits under the LoRA experts, unchanged
+            match = [m for m in mix if m.endswith(k.split(".layers.1.mlp.")[1]) and ".layers.1.mlp." in m]
+            assert any(torch.equal(v, mix[m]) for m in match), k
+    model, cfg = load_model(outputs["mixlora-text"])  # strict: rebuilds the LoRA experts first
+    assert any(n.endswith("gate_lora_A") for n, _ in model.named_parameters())

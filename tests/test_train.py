@@ -141,3 +141,13 @@ def test_bad_config_errors_name_the_cause():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         TorchEngine(frozen, OptimConfig(), 1)
+
+
+def test_wandb_offline_run_logs_losses_and_expert_load(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = TrainConfig(steps=2, wandb=True, optim=OptimConfig(lr=1e-2))
+    train(TorchEngine(tiny_moe_lm(), cfg.optim, cfg.steps), batch_at, cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), "no offline wandb run was written"
