@@ -42,6 +42,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.expert_parallel import expert_group_name, is_expert_param, shard_experts
 from zoo.moe.layer import SparseMoE
 from zoo.pipelines.engine import NonFiniteError, OptimConfig, StepResult, cosine_with_warmup
@@ -325,7 +326,11 @@ class DeepSpeedEngine:
             raise ImportError("DeepSpeedEngine needs deepspeed: pip install 'moe-zoo[deepspeed]'") from None
         from deepspeed.utils import groups as ds_groups
 
-        moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        # MoE layers whose experts train: they get expert parallelism and DeepSpeed's MoE groups.
+        # Layers with frozen experts (a LoRA stage on attention) and LoRA experts (MixLoRA: tiny,
+        # not shardable) are ordinary replicated, data-parallel modules.
+        moes = [m for m in model.modules() if isinstance(m, SparseMoE) and isinstance(m.experts, SwiGLUExperts)
+                and any(p.requires_grad for p in m.experts.parameters())]
         num_experts = moes[0].experts.num_experts if moes else 0
         self.config = resolve_config(ds_config, optim, has_experts=bool(moes))
         self.optim_config = optim
@@ -392,8 +397,15 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed's backward: scales by 1/grad_accum and reduces gradients at the boundary."""
-        self.ds.backward(loss)
+        """DeepSpeed's backward: scales by 1/grad_accum and reduces gradients at the boundary.
+
+        A zero-weighted term touches every trainable parameter, so every rank produces a gradient
+        for the same parameters even when its batch skips a branch (a modality absent from this
+        rank's batch): DeepSpeed has no `find_unused_parameters`, and ranks that reduce different
+        gradient sets deadlock or fail with a size mismatch.
+        """
+        touch = sum(p.reshape(-1)[:1].sum() for p in self.module.parameters() if p.requires_grad)
+        self.ds.backward(loss + 0.0 * touch)
 
     def _global_grad_norm(self) -> torch.Tensor:
         """Exact L2 norm of all gradients: shared ones are replicated, expert shards add up over the EP group."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from zoo.pipelines.stages import RecipeConfig, run_recipe
+import torch
+
+from zoo.pipelines.stages import EngineSpec, RecipeConfig, run_recipe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,10 +16,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable); its previous stage must have run")
     p.add_argument("--data-dir", help="built data to read (default: OUT/data, built if absent)")
     p.add_argument("--resume", action="store_true", help="continue stages from their newest checkpoints")
+    p.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    p.add_argument("--ds-config", default="zero2", help="configs/deepspeed/<name>.json or a path (deepspeed engine)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed engine)")
     a = p.parse_args(argv)
-    outputs = run_recipe(RecipeConfig.load(a.recipe), a.out, only=a.stage, resume=a.resume, data_dir=a.data_dir)
-    for name, path in outputs.items():
-        print(f"{name}: {path}")
+    engine = EngineSpec(a.engine, a.ds_config, a.ep_size)
+    outputs = run_recipe(RecipeConfig.load(a.recipe), a.out, only=a.stage, resume=a.resume, data_dir=a.data_dir,
+                         engine=engine)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,37 @@ DEFAULT_TRAINS = {
 
 
 @dataclass
+class EngineSpec:
+    """Which engine runs the stages.
+
+    Attributes:
+        kind: "torch" (one process) or "deepspeed" (launched by `pipelines/launch/*.sh`).
+        ds_config: DeepSpeed config name in `configs/deepspeed/` or a path ("zero2": fp32 or bf16
+            from the stage's precision).
+        ep_size: expert-parallel group size (DeepSpeed only).
+    """
+
+    kind: str = "torch"
+    ds_config: str = "zero2"
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("torch", "deepspeed"):
+            raise ValueError(f"engine {self.kind!r} is not one of ('torch', 'deepspeed')")
+        if self.kind == "torch" and self.ep_size != 1:
+            raise ValueError("ep_size > 1 needs the deepspeed engine (launch with pipelines/launch/*.sh)")
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@dataclass
 class LoRAStageConfig:
     """LoRA settings of a `lora` stage.
 
@@ -198,11 +229,29 @@ def load_model(path: Path) -> tuple[MultimodalMoE, ModelConfig]:
     return model, cfg
 
 
-def _train_stage(model, stage: StageConfig, datasets, processor, out: Path, seed: int, resume: bool, name: str):
+def _train_stage(model, stage: StageConfig, datasets, processor, out: Path, seed: int, resume: bool, name: str,
+                 spec: EngineSpec):
     trainable = set_trainable(model, stage.trains)
-    batches = MixedBatches(datasets, stage.data, processor, stage.batch_size, seed)
-    engine = TorchEngine(model, stage.train.optim, stage.train.steps)
+    ep_size = 1
+    mixed = MixedBatches(datasets, stage.data, processor, stage.batch_size, seed)
+    if spec.kind == "torch":
+        engine, batches = TorchEngine(model, stage.train.optim, stage.train.steps), mixed
+    else:
+        from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
+
+        from zoo.moe.experts import SwiGLUExperts
+
+        trains_experts = any(isinstance(m, SwiGLUExperts) and any(p.requires_grad for p in m.parameters())
+                             for m in model.modules())
+        ep_size = spec.ep_size if trains_experts else 1  # no trainable experts: data parallel only
+        engine = DeepSpeedEngine(model, stage.train.optim, stage.train.steps, ds_config=spec.ds_config, ep_size=ep_size)
+        rank, ranks = engine.dp_rank, engine.dp_world_size
+        batches = lambda i: mixed(i * ranks + rank)  # noqa: E731  each data-parallel rank its own batches
     result = train(engine, batches, stage.train, out, resume=resume, name=name)
+    if spec.kind == "deepspeed" and ep_size > 1:
+        from zoo.moe.expert_parallel import unshard_experts
+
+        unshard_experts(model)  # every rank gathers the full experts; rank 0 saves them
     return result, trainable
 
 
@@ -214,6 +263,7 @@ def run_stage(
     processor,
     *,
     resume: bool = False,
+    engine: EngineSpec | None = None,
 ) -> dict[str, Path]:
     """Run one stage from the previous stage's output (or the model config for the first).
 
@@ -221,6 +271,7 @@ def run_stage(
         output name -> checkpoint path (`{stage.name: path}`, or one entry per task family for
         `lora`, named `<stage>-<family>`).
     """
+    engine = engine or EngineSpec()
     index = recipe.stages.index(stage)
     tokenizer_dir = out_dir / "tokenizer"
     if index == 0:
@@ -244,15 +295,17 @@ def run_stage(
     stage_dir = out_dir / stage.name
     if stage.kind != "lora":
         result, trainable = _train_stage(model, stage, datasets, processor, stage_dir / "train",
-                                         recipe.seed + index, resume, stage.name)
-        _plot_routing(model, processor, {f: datasets[f] for f in stage.data}, stage_dir / "expert_load.png", stage.name)
-        path = save_model(model, cfg, stage_dir / "model", tokenizer_dir,
-                          {"stage": stage.name, "trained": trainable, "final_loss": result.final_loss})
+                                         recipe.seed + index, resume, stage.name, engine)
+        path = stage_dir / "model"
+        if _is_main():
+            _plot_routing(model, processor, {f: datasets[f] for f in stage.data}, stage_dir / "expert_load.png", stage.name)
+            save_model(model, cfg, path, tokenizer_dir, {"stage": stage.name, "trained": trainable, "final_loss": result.final_loss})
+        _barrier()
         return {stage.name: path}
-    return _run_lora(recipe, stage, model, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index)
+    return _run_lora(recipe, stage, model, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index, engine)
 
 
-def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index) -> dict[str, Path]:
+def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index, engine) -> dict[str, Path]:
     """One LoRA per task family on a copy of `base`, saved as a checkpoint `load_model` rebuilds."""
     outputs = {}
     for family in sorted(stage.data):
@@ -273,19 +326,19 @@ def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, proc
             family_stage = dataclasses.replace(family_stage, trains=[n for n, p in model.named_parameters() if p.requires_grad])
             extra["mixlora"] = _mixlora_args(stage.lora)
         result, trainable = _train_stage(model, family_stage, datasets, processor, stage_dir / family / "train",
-                                         recipe.seed + index, resume, f"{stage.name}:{family}")
+                                         recipe.seed + index, resume, f"{stage.name}:{family}", engine)
         if stage.lora.kind == "plain":
             _set_lm(model, peft_lm.merge_and_unload())
         else:
             from zoo.lora import merge_lora
 
             merge_lora(model.language_model, unload=True)  # attention LoRA -> plain weights; LoRA experts stay
-        _plot_routing(model, processor, {family: datasets[family]}, stage_dir / family / "expert_load.png",
-                      f"{stage.name}:{family}")
-        outputs[f"{stage.name}-{family}"] = save_model(
-            model, cfg, stage_dir / family / "model", tokenizer_dir,
-            {**extra, "trained": trainable, "final_loss": result.final_loss},
-        )
+        outputs[f"{stage.name}-{family}"] = path = stage_dir / family / "model"
+        if _is_main():
+            _plot_routing(model, processor, {family: datasets[family]}, stage_dir / family / "expert_load.png",
+                          f"{stage.name}:{family}")
+            save_model(model, cfg, path, tokenizer_dir, {**extra, "trained": trainable, "final_loss": result.final_loss})
+        _barrier()
     return outputs
 
 
@@ -370,6 +423,7 @@ def run_recipe(
     only: list[str] | None = None,
     resume: bool = False,
     data_dir: str | Path | None = None,
+    engine: EngineSpec | None = None,
 ) -> dict[str, Path]:
     """Run the recipe's stages in order (or only the named ones), each from the one before.
 
@@ -379,17 +433,27 @@ def run_recipe(
         only: stage names to run (each needs its previous stage's output on disk).
         resume: continue each stage from its newest training checkpoint.
         data_dir: read (or build) the data here instead of `out_dir/data`.
+        engine: the engine (default: one-process PyTorch).
 
     Returns:
         output name -> checkpoint directory, for every stage run.
     """
+    engine = engine or EngineSpec()
     out_dir = Path(out_dir)
     for name in only or []:
         recipe.stage(name)  # names an unknown stage
+    if engine.kind == "deepspeed":
+        from zoo.pipelines.deepspeed_engine import init_distributed
+
+        init_distributed()
+    if not _is_main():
+        _barrier()  # rank 0 builds the data and the tokenizer first
     datasets, processor = prepare(recipe, out_dir, data_dir)
+    if _is_main():
+        _barrier()
     outputs = {}
     for stage in recipe.stages:
         if only and stage.name not in only:
             continue
-        outputs.update(run_stage(recipe, stage, out_dir, datasets, processor, resume=resume))
+        outputs.update(run_stage(recipe, stage, out_dir, datasets, processor, resume=resume, engine=engine))
     return outputs

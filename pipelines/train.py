@@ -144,11 +144,12 @@ def train(
         state = engine.load_checkpoint(ckpt)
         start = state["step"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        if engine.is_main:  # only rank 0 owns metrics.jsonl: drop the steps the checkpoint does not hold
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in kept))
     else:
         torch.manual_seed(cfg.seed)
-        if metrics_path.exists():
+        if engine.is_main and metrics_path.exists():
             metrics_path.unlink()
     accum = cfg.optim.grad_accum
     logger = _Wandb(cfg, out_dir, name) if cfg.wandb and engine.is_main else None
@@ -156,7 +157,7 @@ def train(
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not engine.is_main, dynamic_ncols=True)
     loss_value = float("nan")
     last_ckpt = checkpoints(out_dir)[-1] if checkpoints(out_dir) else None
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path, "a") if engine.is_main else open(os.devnull, "w") as metrics_file:
         for step in bar:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}

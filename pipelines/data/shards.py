@@ -209,11 +209,17 @@ def shard_paths(family_dir: str | os.PathLike, split: str) -> list[Path]:
     return [Path(family_dir) / s["name"] for s in manifest["splits"][split]["shards"]]
 
 
+def _every_node(shards):
+    return shards
+
+
 def _read_one(shard: Path, expected_count: int | None) -> Iterator[Sample]:
     last_key = None
     count = 0
     try:
-        stream = iter(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+        # nodesplitter: every rank of a multi-process run reads whole splits (they are loaded in memory
+        # and each data-parallel rank then draws its own batches); webdataset refuses without one.
+        stream = iter(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, nodesplitter=_every_node))
     except Exception as e:  # opening the stream: missing file, bad URL
         raise CorruptShardError(shard, None, f"{type(e).__name__}: {e}") from e
     while True:
