@@ -1,104 +1,78 @@
-"""The README's main job: build a tiny upcycled MoE LM, train it a few steps, show its routing.
+"""The README's main job: build the tiny zoo end to end, load it with `zoo.load`, show what it does.
 
-Text: docstrings of the Python standard library (always present offline), as bytes (vocab 256).
-A dense tiny Llama is trained briefly, upcycled to 4 experts top-2 on every other layer (checked
-to reproduce the dense logits), then the MoE model is trained with the balance loss on, and the
-per-layer expert load and router entropy are printed.
+`zoo build` runs `configs/recipes/tiny-zoo.yaml` (data from Debian packages -> tokenizer ->
+pretrain-lm -> align -> specialize -> moe-tune -> per-family LoRA, each output evaluated on its
+held-out test split) and installs one versioned checkpoint per task family with its card. Then
+every card is loaded back with `zoo.load`, asked one held-out question, and its measured metrics
+are printed next to the majority-answer baseline. A second run finds the zoo built and only loads.
+
+    python -m zoo.pipelines.demo [--rebuild]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import math
+import os
 import time
-import warnings
+from pathlib import Path
 
-import torch
-from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from zoo import MoEConfig, upcycle
-
-_MODULES = ("argparse", "collections", "dataclasses", "functools", "itertools", "json", "os", "pathlib", "re", "typing")
-
-
-def corpus() -> bytes:
-    """Module, class and function docstrings of a fixed set of stdlib modules."""
-    docs = []
-    for name in _MODULES:
-        mod = importlib.import_module(name)
-        docs.append(mod.__doc__ or "")
-        for attr in sorted(dir(mod)):
-            with warnings.catch_warnings():  # typing.io / typing.re warn on access
-                warnings.simplefilter("ignore", DeprecationWarning)
-                doc = getattr(getattr(mod, attr), "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 40:
-                docs.append(doc)
-    return "\n\n".join(docs).encode("utf-8", "ignore")
-
-
-def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
-    while True:
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        yield torch.stack([data[s : s + seq] for s in starts])
-
-
-def train(model, steps: int, data, lr: float, desc: str) -> float:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    bar = tqdm(range(steps), desc=desc)
-    loss = float("nan")
-    for _ in bar:
-        ids = next(data)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
-        bar.set_postfix(loss=f"{loss:.3f}", **({"aux": f"{out.aux_loss.item():.3f}"} if hasattr(out, "aux_loss") else {}))
-    return loss
+import zoo
+from zoo.hub import zoo_home
+from zoo.loading import install_dir, is_installed, read_card
+from zoo.registry import Registry
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dense-steps", type=int, default=150)
-    parser.add_argument("--moe-steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=None, help="card names (default: every card of the recipe)")
+    p.add_argument("--recipe", default="tiny-zoo", help="build the cards whose recipe file has this stem")
+    p.add_argument("--cards-dir", default=None, help="model cards directory (default: the repository's)")
+    p.add_argument("--rebuild", action="store_true", help="re-run the recipe even if the zoo is built")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    data = torch.tensor(list(corpus()), dtype=torch.long)
-    print(f"corpus: {len(data):,} bytes of stdlib docstrings")
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        )
-    )
-    stream = batches(data, 16, 64, gen)
+    registry = Registry.from_dir(a.cards_dir)
+    cards = [registry.get(n) for n in a.models] if a.models else [
+        registry.get(n) for n in registry.names() if (c := registry.get(n)).recipe and Path(c.recipe).stem == a.recipe
+    ]
+    if not cards:
+        raise SystemExit(f"demo: no model card builds from a recipe named {a.recipe!r}")
     t0 = time.time()
-    train(lm, args.dense_steps, stream, 3e-3, "dense")
+    if a.rebuild or not all(is_installed(c) for c in cards):
+        print(f"building {', '.join(c.ref for c in cards)} from {cards[0].recipe} (one run builds them all)")
+        zoo.build(cards[0].name, cards[0].version, force=a.rebuild, cards_dir=a.cards_dir)
+        print(f"built in {time.time() - t0:.0f}s")
+    rows = []
+    for card in cards:
+        model, processor = zoo.load(card.name, card.version, cards_dir=a.cards_dir)
+        metrics = {m["name"]: m for m in read_card(install_dir(card))["metrics"]}  # measured by the build
+        example = _ask(model, processor, card.task_family, zoo_home() / "runs" / Path(card.recipe).stem / "data")
+        for name, m in metrics.items():
+            if not name.endswith("majority_baseline"):
+                base = metrics.get(name.split("/")[0] + "/majority_baseline", {}).get("value")
+                rows.append((card.ref, name, m["value"], base, m.get("dataset", ""), example))
+    print(f"\n{'model':<24} {'metric':<22} {'value':>6} {'baseline':>8}  measured on")
+    for ref, name, value, base, dataset, _ in rows:
+        print(f"{ref:<24} {name:<22} {value:6.3f} {base if base is not None else float('nan'):8.3f}  {dataset}")
+    print("\none held-out example per model (loaded with zoo.load):")
+    for ref, example in dict((r[0], r[5]) for r in rows).items():
+        print(f"  {ref:<24} {example}")
+    print(f"\nexpert load by task family (PNG): {zoo_home() / 'runs' / Path(cards[0].recipe).stem}/*/expert_load.png")
+    print(f"total {time.time() - t0:.0f}s")
 
-    probe = next(stream)
-    with torch.no_grad():
-        dense_logits = lm(probe).logits
-    model = upcycle(lm, MoEConfig(num_experts=4, top_k=2, layers="every_other", aux_loss_coef=0.01))
-    with torch.no_grad():
-        diff = (model(input_ids=probe).logits - dense_logits).abs().max().item()
-    print(f"upcycled layers {sorted(model.moe_layers())}: max |logit diff| vs dense = {diff:.2e}")
 
-    loss = train(model, args.moe_steps, stream, 1e-3, "moe")
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=next(stream), labels=None)
-    print(f"\nfinal train loss {loss:.3f} (uniform over bytes: {math.log(256):.3f}); {time.time() - t0:.0f}s")
-    print(f"{'layer':>5}  {'entropy':>7}  load per expert (sums to 1)")
-    for s in out.routing:
-        print(f"{s.layer:>5}  {s.entropy.item():7.3f}  " + "  ".join(f"{v:.3f}" for v in s.load.tolist()))
-    sample = model.generate(torch.tensor([list(b"Return the ")]), max_new_tokens=40, do_sample=False)
-    print("greedy sample:", bytes(sample[0].tolist()).decode("utf-8", "replace"))
+def _ask(model, processor, family: str, data_dir: Path) -> str:
+    """Answer the first held-out test sample of `family` from the run's data."""
+    from zoo.pipelines.eval import SCORED, generate_answers
+    from zoo.pipelines.stages import load_datasets
+
+    if not (data_dir / family).is_dir():
+        return f"(no {family} data under {data_dir})"
+    keep = SCORED.get(family, lambda s: True)
+    sample = next(s for s in load_datasets(data_dir, {family}, "test")[family] if keep(s))
+    answer = generate_answers(model, processor, [sample])[0]
+    media = "".join(f"[{m.kind}]" for m in sample.media)
+    return f"{media} {sample.instruction[:60]!r} -> {answer!r} (reference {sample.answer!r})"
 
 
 if __name__ == "__main__":

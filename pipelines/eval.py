@@ -1,7 +1,7 @@
 """Per-task-family evaluation on held-out splits: greedy generation scored against the answers.
 
-Metrics: exact match (normalized) for `vqa`, `asr` and `text`; SQuAD-style token F1 for
-`caption`. Each result carries a majority-answer baseline from the training split, so "above
+Metrics: exact match (normalized) for `vqa` and `asr`; accuracy on the 4-option multiple-choice
+questions for `text`; SQuAD-style token F1 for `caption`. Each result carries a majority-answer baseline from the training split, so "above
 chance" is a number, not a claim.
 
     python -m zoo.pipelines.eval --checkpoint RUN/lora/vqa/model --data RUN/data --family vqa
@@ -22,7 +22,10 @@ from tqdm import tqdm
 
 from zoo.pipelines.collate import collate
 
-METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "exact_match", "caption": "token_f1"}
+METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "choice_accuracy", "caption": "token_f1"}
+# Which samples a family is scored on. text: its 4-option multiple-choice questions (chance 25%);
+# its "Define: X" / "What word means" questions train the LM but ask a tiny model for unseen words.
+SCORED = {"text": lambda s: "Options:" in s.instruction}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -47,7 +50,7 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SCORERS = {"exact_match": exact_match, "token_f1": token_f1}
+SCORERS = {"exact_match": exact_match, "choice_accuracy": exact_match, "token_f1": token_f1}
 
 
 @torch.no_grad()
@@ -85,6 +88,11 @@ def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequenc
     if not samples:
         raise ValueError(f"no {family} samples to evaluate")
     metric = METRIC_OF_FAMILY[family]
+    keep = SCORED.get(family, lambda s: True)
+    samples = [s for s in samples if keep(s)]
+    train = [s for s in train if keep(s)]
+    if not samples:
+        raise ValueError(f"no {family} samples of the scored kind to evaluate")
     predictions = generate_answers(model, processor, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    progress=progress)
     scores = [SCORERS[metric](p, s.answer) for p, s in zip(predictions, samples)]

@@ -150,6 +150,19 @@ class StageConfig:
 
 
 @dataclass
+class EvalSpec:
+    """Held-out evaluation written into each output checkpoint (and so into its model card).
+
+    Attributes:
+        limit: test samples per family (None: all).
+        max_new_tokens: greedy generation length.
+    """
+
+    limit: int | None = 200
+    max_new_tokens: int = 12
+
+
+@dataclass
 class RecipeConfig:
     """Stages in order, the model they start from and the data they read.
 
@@ -160,6 +173,7 @@ class RecipeConfig:
         data: data builder settings (`max_per_split`, `families`).
         tokenizer_vocab: BPE vocabulary size (must equal the LM's `vocab_size`).
         seed: base seed of data order.
+        eval: evaluate the moe-tune and lora outputs on the test splits (None: no eval).
     """
 
     name: str
@@ -168,8 +182,11 @@ class RecipeConfig:
     data: dict[str, Any] = field(default_factory=dict)
     tokenizer_vocab: int = 1024
     seed: int = 0
+    eval: EvalSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval, dict):
+            self.eval = config_from_dict(EvalSpec, self.eval)
         if isinstance(self.model, (str, Path)):
             self.model = ModelConfig.load(str(self.model))
         elif isinstance(self.model, dict):
@@ -299,7 +316,9 @@ def run_stage(
         path = stage_dir / "model"
         if _is_main():
             _plot_routing(model, processor, {f: datasets[f] for f in stage.data}, stage_dir / "expert_load.png", stage.name)
-            save_model(model, cfg, path, tokenizer_dir, {"stage": stage.name, "trained": trainable, "final_loss": result.final_loss})
+            metrics = _evaluate(recipe, model, processor, datasets, stage.data, f"{stage.name}/model") if stage.kind == "moe-tune" else {}
+            save_model(model, cfg, path, tokenizer_dir, {"stage": stage.name, "trained": trainable,
+                                                          "final_loss": result.final_loss, "metrics": metrics})
         _barrier()
         return {stage.name: path}
     return _run_lora(recipe, stage, model, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index, engine)
@@ -337,7 +356,9 @@ def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, proc
         if _is_main():
             _plot_routing(model, processor, {family: datasets[family]}, stage_dir / family / "expert_load.png",
                           f"{stage.name}:{family}")
-            save_model(model, cfg, path, tokenizer_dir, {**extra, "trained": trainable, "final_loss": result.final_loss})
+            metrics = _evaluate(recipe, model, processor, datasets, [family], f"{stage.name}/{family}/model")
+            save_model(model, cfg, path, tokenizer_dir,
+                       {**extra, "trained": trainable, "final_loss": result.final_loss, "metrics": metrics})
         _barrier()
     return outputs
 
@@ -345,6 +366,25 @@ def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, proc
 def _mixlora_args(lora: LoRAStageConfig) -> dict[str, Any]:
     return {"num_experts": lora.num_experts, "top_k": lora.top_k, "r": lora.r, "alpha": lora.alpha,
             "dropout": lora.dropout, "layers": "dense"}
+
+
+def _evaluate(recipe: RecipeConfig, model, processor, datasets, families, output: str) -> dict[str, dict[str, Any]]:
+    """Score `model` on each family's test split; `{"<family>/<metric>": {value, command, dataset}}`."""
+    from zoo.pipelines.eval import METRIC_OF_FAMILY, evaluate
+
+    if recipe.eval is None:
+        return {}
+    out = {}
+    for family in sorted(f for f in families if f in METRIC_OF_FAMILY):
+        test = datasets.test[family][: recipe.eval.limit] if recipe.eval.limit else datasets.test[family]
+        r = evaluate(model, processor, test, family=family, train=datasets[family],
+                     max_new_tokens=recipe.eval.max_new_tokens)
+        command = (f"python -m zoo.pipelines.eval --checkpoint RUN/{output} --data RUN/data --family {family}"
+                   + (f" --limit {recipe.eval.limit}" if recipe.eval.limit else ""))
+        dataset = f"{family} test split, {r['n']} samples"
+        out[f"{family}/{r['metric']}"] = {"value": r["value"], "command": command, "dataset": dataset}
+        out[f"{family}/majority_baseline"] = {"value": r["baseline"], "command": command, "dataset": dataset}
+    return out
 
 
 def _plot_routing(model, processor, datasets, path: Path, title: str) -> None:
@@ -370,6 +410,14 @@ def _set_lm(model: MultimodalMoE, hf_lm: torch.nn.Module) -> None:
 def stage_summary(path: Path) -> dict[str, Any]:
     """The extra fields a stage stored with its output (stage, trained params, final loss)."""
     return {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "model"}
+
+
+class Datasets(dict):
+    """family -> training samples, with `.test` (family -> test samples) beside it."""
+
+    def __init__(self, train: dict[str, list], test: dict[str, list]):
+        super().__init__(train)
+        self.test = test
 
 
 def load_datasets(data_dir: Path, families: set[str], split: str = "train") -> dict[str, list]:
@@ -413,7 +461,8 @@ def prepare(recipe: RecipeConfig, out_dir: Path, data_dir: Path | None = None):
         train_tokenizer(texts, vocab_size=recipe.tokenizer_vocab).save_pretrained(str(tokenizer_dir))
     tokenizer = load_tokenizer(tokenizer_dir)
     processor = MultimodalProcessor.from_model(build_model(recipe.model), tokenizer)
-    return {f: d for f, d in datasets.items() if f in families}, processor
+    test = load_datasets(data_dir, families - {"corpus"}, "test") if recipe.eval is not None else {}
+    return Datasets({f: d for f, d in datasets.items() if f in families}, test), processor
 
 
 def run_recipe(

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from zoo.config import ModelConfig
-from zoo.loading import recipe_outputs
 from zoo.model import build_model
 from zoo.registry import Registry, Version, parse_card
 
@@ -50,7 +49,7 @@ def test_card(path):
         recipe_path = card.resolve_path(card.recipe)
         assert recipe_path.is_file(), f"recipe {card.recipe} does not exist"
         recipe = RecipeConfig.load(recipe_path)
-        assert card.output in recipe_outputs(recipe), f"{card.recipe} writes {recipe_outputs(recipe)}, not {card.output!r}"
+        assert card.output in recipe.outputs(), f"{card.recipe} writes {recipe.outputs()}, not {card.output!r}"
         if card.output.startswith("lora-"):
             assert card.task_family == card.output.removeprefix("lora-"), "a LoRA card's task family is its LoRA's"
         assert recipe.model.to_dict() == config_as_written, "the card's config is the one its recipe starts from"

@@ -5,6 +5,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"zoo": "zoo", "encoders": "zoo.encoders", "kernels": "zoo.kernels", "pipelines": "zoo.pipelines"}
 
@@ -35,10 +37,20 @@ def test_model_library_never_imports_training_code():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_demo_runs_end_to_end_at_smoke_size(capsys):
+@pytest.mark.slow
+def test_demo_builds_loads_and_reports_a_recipe_at_smoke_size(tmp_path, monkeypatch, capsys):
+    """The README's main job, on the micro recipe: build via a card, zoo.load, print the table."""
     from zoo.pipelines import demo
 
-    demo.main(["--dense-steps", "3", "--moe-steps", "3"])
+    card = (ROOT / "model_cards" / "tiny-zoo-vqa.md").read_text()
+    card = card.replace("name: tiny-zoo-vqa", "name: micro-vqa").replace(
+        "recipe: configs/recipes/tiny-zoo.yaml", f"recipe: {ROOT / 'configs/recipes/micro.yaml'}").replace(
+        "config: configs/models/tiny-zoo.yaml", f"config: {ROOT / 'configs/models/micro-zoo.yaml'}")
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "micro-vqa.md").write_text(card)
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    demo.main(["--cards-dir", str(tmp_path / "cards"), "--recipe", "micro"])
     out = capsys.readouterr().out
-    assert "max |logit diff| vs dense" in out
-    assert "load per expert" in out and "greedy sample:" in out
+    assert "micro-vqa@1.0.0" in out and "vqa/exact_match" in out and "reference" in out
+    demo.main(["--cards-dir", str(tmp_path / "cards"), "--recipe", "micro"])  # built: loads only
+    assert "building" not in capsys.readouterr().out

@@ -142,3 +142,15 @@ def test_mixlora_output_reloads_with_its_lora_experts_over_the_frozen_ffn(micro_
             assert any(torch.equal(v, mix[m]) for m in match), k
     model, cfg = load_model(outputs["mixlora-text"])  # strict: rebuilds the LoRA experts first
     assert any(n.endswith("gate_lora_A") for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_outputs_carry_their_held_out_metrics(micro_run):
+    import json
+
+    recipe, out, outputs = micro_run
+    vqa = json.loads((outputs["lora-vqa"] / "config.json").read_text())["metrics"]
+    assert set(vqa) == {"vqa/exact_match", "vqa/majority_baseline"}
+    assert 0 <= vqa["vqa/exact_match"]["value"] <= 1 and "--family vqa" in vqa["vqa/exact_match"]["command"]
+    base = json.loads((outputs["moe-tune"] / "config.json").read_text())["metrics"]
+    assert {"asr/exact_match", "text/choice_accuracy", "vqa/exact_match"} <= set(base)

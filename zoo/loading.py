@@ -380,17 +380,6 @@ def load(
 # --- building -----------------------------------------------------------------------------------
 
 
-def recipe_outputs(recipe) -> list[str]:
-    """The output names a recipe's run returns (stage names; `<stage>-<family>` for LoRA stages)."""
-    out = []
-    for stage in recipe.stages:
-        if stage.kind == "lora":
-            out.extend(f"{stage.name}-{family}" for family in sorted(stage.data))
-        else:
-            out.append(stage.name)
-    return out
-
-
 def build(
     name: str,
     version: str | None = None,
@@ -430,7 +419,7 @@ def build(
     from zoo.pipelines.stages import RecipeConfig, run_recipe  # training code: imported here only
 
     recipe = RecipeConfig.load(recipe_path)
-    names = recipe_outputs(recipe)
+    names = recipe.outputs()
     if card.output not in names:
         raise LoadError(f"{card.ref}: output {card.output!r} is not one the recipe {card.recipe} writes: {names}")
     run_dir = Path(run_dir) if run_dir is not None else zoo_home() / "runs" / recipe_path.stem
@@ -459,7 +448,6 @@ __all__ = [
     "locate",
     "models_dir",
     "read_card",
-    "recipe_outputs",
     "render_card",
     "set_card_metrics",
     "unpack_archive",
