@@ -66,6 +66,8 @@ def _ask(model, processor, family: str, data_dir: Path) -> str:
     from zoo.pipelines.eval import SCORED, generate_answers
     from zoo.pipelines.stages import load_datasets
 
+    if not (data_dir / family).is_dir():  # a multitask model: ask it a vqa question
+        family = "vqa"
     if not (data_dir / family).is_dir():
         return f"(no {family} data under {data_dir})"
     keep = SCORED.get(family, lambda s: True)

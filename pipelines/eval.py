@@ -1,7 +1,7 @@
 """Per-task-family evaluation on held-out splits: greedy generation scored against the answers.
 
-Metrics: exact match (normalized) for `vqa` and `asr`; accuracy on the 4-option multiple-choice
-questions for `text`; SQuAD-style token F1 for `caption`. Each result carries a majority-answer baseline from the training split, so "above
+Metrics: exact match (normalized) for `vqa` and `asr`; accuracy on the closed-answer questions
+for `text` (WordNet category of a definition, multiple choice); SQuAD-style token F1 for `caption`. Each result carries a majority-answer baseline from the training split, so "above
 chance" is a number, not a claim.
 
     python -m zoo.pipelines.eval --checkpoint RUN/lora/vqa/model --data RUN/data --family vqa
@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from zoo.pipelines.collate import collate
 
-METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "choice_accuracy", "caption": "token_f1"}
-# Which samples a family is scored on. text: its 4-option multiple-choice questions (chance 25%);
-# its "Define: X" / "What word means" questions train the LM but ask a tiny model for unseen words.
-SCORED = {"text": lambda s: "Options:" in s.instruction}
+METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "accuracy", "caption": "token_f1"}
+# Which samples a family is scored on. text: its closed-answer questions (WordNet category of a
+# definition, or 4-option multiple choice); its open "Define: X" / "What word means" questions
+# train the LM but ask a tiny model to produce words it has never seen.
+SCORED = {"text": lambda s: s.instruction.startswith("What kind of thing is:") or "Options:" in s.instruction}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -50,7 +51,7 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SCORERS = {"exact_match": exact_match, "choice_accuracy": exact_match, "token_f1": token_f1}
+SCORERS = {"exact_match": exact_match, "accuracy": exact_match, "token_f1": token_f1}
 
 
 @torch.no_grad()
@@ -116,14 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="built data directory")
     p.add_argument("--family", action="append", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="score at most this many (scored-kind) samples")
     a = p.parse_args(argv)
     model, _ = load_model(Path(a.checkpoint))
     processor = MultimodalProcessor.from_model(model, load_tokenizer(Path(a.checkpoint) / "tokenizer"))
     test = load_datasets(Path(a.data), set(a.family), a.split)
     train = load_datasets(Path(a.data), set(a.family), "train")
     for family in a.family:
-        r = evaluate(model, processor, test[family][: a.limit], family=family, train=train[family], progress=True)
+        keep = SCORED.get(family, lambda s: True)
+        samples = [s for s in test[family] if keep(s)][: a.limit]  # --limit counts scored samples
+        r = evaluate(model, processor, samples, family=family, train=train[family], progress=True)
         print(json.dumps(r))
 
 

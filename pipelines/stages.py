@@ -29,7 +29,7 @@ import yaml
 
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.config import ModelConfig, MoEConfig, config_from_dict
-from zoo.model import MultimodalMoE, build_model
+from zoo.model import MultimodalMoE, build_model, model_from_checkpoint_config
 from zoo.pipelines.collate import MixedBatches
 from zoo.pipelines.engine import TorchEngine
 from zoo.pipelines.train import TrainConfig, train
@@ -170,7 +170,8 @@ class RecipeConfig:
         name: recipe name.
         model: the model config (a dict, or a path to a YAML file relative to the repository).
         stages: the stages, in order.
-        data: data builder settings (`max_per_split`, `families`).
+        data: data builder settings: `max_per_split`, and `options` (family -> builder keywords).
+            Data already built in the run directory is reused as it is.
         tokenizer_vocab: BPE vocabulary size (must equal the LM's `vocab_size`).
         seed: base seed of data order.
         eval: evaluate the moe-tune and lora outputs on the test splits (None: no eval).
@@ -236,12 +237,7 @@ def save_model(model: MultimodalMoE, cfg: ModelConfig, path: Path, tokenizer_dir
 def load_model(path: Path) -> tuple[MultimodalMoE, ModelConfig]:
     """Rebuild a stage's output model from its checkpoint (verified, strict)."""
     ckpt = load_checkpoint(path)
-    cfg = ModelConfig.from_dict(ckpt.config["model"])
-    model = build_model(cfg)
-    if "mixlora" in ckpt.config:  # LoRA experts are modules, not merged weights: rebuild them first
-        from zoo.lora import apply_mixlora
-
-        model.language_model = apply_mixlora(model.language_model, **ckpt.config["mixlora"], attention_lora=False)
+    model, cfg = model_from_checkpoint_config(ckpt.config)
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model, cfg
 
@@ -370,13 +366,14 @@ def _mixlora_args(lora: LoRAStageConfig) -> dict[str, Any]:
 
 def _evaluate(recipe: RecipeConfig, model, processor, datasets, families, output: str) -> dict[str, dict[str, Any]]:
     """Score `model` on each family's test split; `{"<family>/<metric>": {value, command, dataset}}`."""
-    from zoo.pipelines.eval import METRIC_OF_FAMILY, evaluate
+    from zoo.pipelines.eval import METRIC_OF_FAMILY, SCORED, evaluate
 
     if recipe.eval is None:
         return {}
     out = {}
     for family in sorted(f for f in families if f in METRIC_OF_FAMILY):
-        test = datasets.test[family][: recipe.eval.limit] if recipe.eval.limit else datasets.test[family]
+        keep = SCORED.get(family, lambda s: True)
+        test = [s for s in datasets.test[family] if keep(s)][: recipe.eval.limit]  # limit what is scored
         r = evaluate(model, processor, test, family=family, train=datasets[family],
                      max_new_tokens=recipe.eval.max_new_tokens)
         command = (f"python -m zoo.pipelines.eval --checkpoint RUN/{output} --data RUN/data --family {family}"
@@ -450,7 +447,8 @@ def prepare(recipe: RecipeConfig, out_dir: Path, data_dir: Path | None = None):
     data_dir = Path(data_dir) if data_dir is not None else out_dir / "data"
     missing = sorted(f for f in families | {"corpus"} if not (data_dir / f).is_dir())
     if missing:
-        build_all(data_dir, recipe.data.get("max_per_split"), families=tuple(missing))
+        build_all(data_dir, recipe.data.get("max_per_split"), families=tuple(missing),
+                  options={f: o for f, o in recipe.data.get("options", {}).items() if f in missing})
     datasets = load_datasets(data_dir, families | {"corpus"})
     tokenizer_dir = out_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():

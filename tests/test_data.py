@@ -334,3 +334,15 @@ def test_cli_builds_selected_families(tmp_path):
         assert len(load_split(tmp_path / family, "test")) == 2
     assert not (tmp_path / "vqa").exists()
     shutil.rmtree(tmp_path / "asr")
+
+
+def test_wordnet_category_questions_carry_the_lexicographer_file_of_the_synset():
+    from zoo.pipelines.data.wordnet import NOUN_CATEGORIES, build_wordnet_instructions, load_noun_synsets
+
+    by_word = {s.lemmas[0]: s for s in load_noun_synsets()}
+    assert by_word["traitor"].category == "person" and by_word["oak"].category == "plant"
+    assert by_word["hammer"].category == "artifact"
+    splits = build_wordnet_instructions(20, question_types=["category"])
+    for sample in splits["train"]:
+        assert sample.instruction.startswith("What kind of thing is: ")
+        assert sample.answer in NOUN_CATEGORIES.values()

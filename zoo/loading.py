@@ -296,8 +296,7 @@ def load_directory(
         `(model, processor, model_config)`: the model in eval mode, its `MultimodalProcessor`,
         and the `ModelConfig`.
     """
-    from zoo.config import ModelConfig
-    from zoo.model import build_model
+    from zoo.model import model_from_checkpoint_config
     from zoo.processor import MultimodalProcessor
     from zoo.tokenizer import load_tokenizer
 
@@ -315,13 +314,9 @@ def load_directory(
                 f"{str(root)!r} holds {inner.get('name')}@{inner.get('version')}, not {card.ref}; "
                 f"rebuild it with `{build_command(card)} --force`"
             )
-    cfg = ModelConfig.from_dict(config["model"])
-    # Every weight comes from the checkpoint: never fetch or unpickle the configured pretrained files.
-    cfg.lm.weights = None
-    for enc in cfg.encoders.values():
-        enc.weights = None
+    # Every weight comes from the checkpoint: configured pretrained files are never read.
+    model, cfg = model_from_checkpoint_config(config)
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
-    model = build_model(cfg)
     if len(floating) == 1:
         model = model.to(dtype=floating.pop())
     result = model.load_state_dict(state, strict=False)

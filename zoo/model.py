@@ -431,3 +431,31 @@ def build_model(cfg: ModelConfig) -> MultimodalMoE:
 
 
 __all__ = ["IGNORE_INDEX", "MultimodalMoE", "MultimodalOutput", "SplicedInputs", "build_encoder", "build_language_model", "build_model"]
+
+
+def model_from_checkpoint_config(config: dict) -> tuple[MultimodalMoE, ModelConfig]:
+    """Build the (untrained) model a zoo checkpoint's `config.json` describes, ready for a strict load.
+
+    Every weight will come from the checkpoint, so configured pretrained files are not read. A
+    checkpoint trained with MixLoRA records its settings under `"mixlora"`: its LoRA experts are
+    modules, not merged weights, so they are rebuilt here (its attention LoRA was merged).
+
+    Args:
+        config: the checkpoint config, `{"model": ModelConfig dict, ...}`.
+
+    Returns:
+        `(model, model_config)`.
+    """
+    import copy
+
+    cfg = ModelConfig.from_dict(config["model"])
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.lm.weights = None
+    for enc in build_cfg.encoders.values():
+        enc.weights = None
+    model = build_model(build_cfg)
+    if config.get("mixlora"):
+        from zoo.lora import apply_mixlora
+
+        model.language_model = apply_mixlora(model.language_model, **config["mixlora"], attention_lora=False)
+    return model, cfg

@@ -42,7 +42,8 @@ CORPUS = "corpus"
 FAMILIES = (*BUILDERS, CORPUS)
 
 
-def build_family(family: str, out_dir: str | os.PathLike, max_per_split: int | None = None, max_per_shard: int = 1000) -> dict:
+def build_family(family: str, out_dir: str | os.PathLike, max_per_split: int | None = None, max_per_shard: int = 1000,
+                 options: dict | None = None) -> dict:
     """Build one family into ``<out_dir>/<family>`` (shards + manifest, or corpus text files).
 
     Returns:
@@ -54,19 +55,26 @@ def build_family(family: str, out_dir: str | os.PathLike, max_per_split: int | N
     if family not in BUILDERS:
         raise KeyError(f"unknown family {family!r}; known: {FAMILIES}")
     b = BUILDERS[family]
-    splits = b.build(max_per_split)
-    return write_dataset(splits, out, task_family=b.family, source=b.source, params={"max_per_split": max_per_split}, max_per_shard=max_per_shard)
+    options = dict(options or {})
+    splits = b.build(max_per_split, **options)
+    return write_dataset(splits, out, task_family=b.family, source=b.source,
+                         params={"max_per_split": max_per_split, **options}, max_per_shard=max_per_shard)
 
 
-def build_all(out_dir: str | os.PathLike, max_per_split: int | None = None, families: tuple[str, ...] = FAMILIES, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Build the given families (default: all) into `out_dir`; returns ``{family: manifest}``."""
-    unknown = [f for f in families if f not in FAMILIES]
+def build_all(out_dir: str | os.PathLike, max_per_split: int | None = None, families: tuple[str, ...] = FAMILIES,
+              log: Callable[[str], None] = print, options: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Build the given families (default: all) into `out_dir`; returns ``{family: manifest}``.
+
+    Args:
+        options: family -> keyword arguments of its builder (e.g. ``{"text": {"question_types": ["choice"]}}``).
+    """
+    unknown = [f for f in [*families, *(options or {})] if f not in FAMILIES]
     if unknown:
         raise KeyError(f"unknown families {unknown}; known: {FAMILIES}")
     result = {}
     for family in families:
         t0 = time.perf_counter()
-        result[family] = m = build_family(family, out_dir, max_per_split)
+        result[family] = m = build_family(family, out_dir, max_per_split, options=(options or {}).get(family))
         counts = m["files"] if family == CORPUS else {s: v["count"] for s, v in m["splits"].items()}
         log(f"{family}: {counts} in {time.perf_counter() - t0:.1f}s -> {Path(out_dir) / family}")
     return result

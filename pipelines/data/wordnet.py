@@ -13,7 +13,14 @@ from .select import pick_per_split
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
 TASK_FAMILY = "text"
-QUESTION_TYPES = ("define", "name", "choice")
+QUESTION_TYPES = ("define", "name", "choice", "category")
+# WordNet's noun lexicographer files (lexnames(5WN)), by lex_filenum: the `category` answers.
+NOUN_CATEGORIES = {
+    3: "top", 4: "act", 5: "animal", 6: "artifact", 7: "attribute", 8: "body", 9: "cognition",
+    10: "communication", 11: "event", 12: "feeling", 13: "food", 14: "group", 15: "location",
+    16: "motive", 17: "object", 18: "person", 19: "phenomenon", 20: "plant", 21: "possession",
+    22: "process", 23: "quantity", 24: "relation", 25: "shape", 26: "state", 27: "substance", 28: "time",
+}
 _PAREN_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 
@@ -26,12 +33,14 @@ class Synset:
         lemmas: Its words, most frequent first, underscores turned into spaces.
         definition: The gloss without its quoted examples.
         examples: Quoted usage examples from the gloss.
+        category: The lexicographer category (``NOUN_CATEGORIES``), e.g. "person", "plant".
     """
 
     offset: str
     lemmas: tuple[str, ...]
     definition: str
     examples: tuple[str, ...]
+    category: str = ""
 
     @property
     def key(self) -> str:
@@ -54,7 +63,8 @@ def parse_data_line(line: str) -> Synset:
     parts = [p.strip() for p in gloss.split(";")]
     definition = "; ".join(p for p in parts if not p.startswith('"')).strip()
     examples = tuple(p.strip('"') for p in parts if p.startswith('"'))
-    return Synset(fields[0], lemmas, definition, examples)
+    category = NOUN_CATEGORIES.get(int(fields[1]), "")
+    return Synset(fields[0], lemmas, definition, examples, category)
 
 
 @lru_cache(maxsize=2)
@@ -128,7 +138,7 @@ def build_wordnet_instructions(
     max_per_split: int | None = None,
     *,
     path: str | os.PathLike = DATA_NOUN,
-    question_types: tuple[str, ...] = QUESTION_TYPES,
+    question_types: tuple[str, ...] | list[str] = QUESTION_TYPES,
     max_definition_chars: int = 160,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
@@ -140,13 +150,15 @@ def build_wordnet_instructions(
     - ``define``: "Define: <word>" -> definition;
     - ``name``: "What word means: <definition>?" -> the synset's first word;
     - ``choice``: "Which word means: <definition>? Options: a, b, c, d" -> the right option
-      (three distractors picked by hash from other synsets; accuracy has a 25 % chance level).
+      (three distractors picked by hash from other synsets; accuracy has a 25 % chance level);
+    - ``category``: "What kind of thing is: <definition>?" -> its WordNet lexicographer category
+      (26 classes: person, artifact, plant, ...; the majority class is the baseline).
 
     Args:
         max_per_split: Cap per split (None: every synset with a definition of at most
             `max_definition_chars` characters, times the question types).
         path: WordNet ``data.noun``.
-        question_types: Subset of ``("define", "name", "choice")``.
+        question_types: Subset of ``QUESTION_TYPES``.
         max_definition_chars: Longer definitions are skipped (keeps sequences short for tiny LMs).
         val_fraction: Expected share of ``val``.
         test_fraction: Expected share of ``test``.
@@ -173,6 +185,8 @@ def _make(c: _Candidate, pool: list[Synset]) -> Sample:
         return Sample(c.key, TASK_FAMILY, c.split, f"Define: {word}", syn.definition)
     if c.question == "name":
         return Sample(c.key, TASK_FAMILY, c.split, f"What word means: {syn.definition}?", word)
+    if c.question == "category":
+        return Sample(c.key, TASK_FAMILY, c.split, f"What kind of thing is: {syn.definition}?", syn.category)
     options, i = [word], 0
     while len(options) < 4:
         other = pool[int(hash_unit(f"{c.key}/{i}", "distractor") * len(pool))]
