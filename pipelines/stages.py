@@ -377,7 +377,8 @@ def _evaluate(recipe: RecipeConfig, model, processor, datasets, families, output
         r = evaluate(model, processor, test, family=family, train=datasets[family],
                      max_new_tokens=recipe.eval.max_new_tokens)
         command = (f"python -m zoo.pipelines.eval --checkpoint RUN/{output} --data RUN/data --family {family}"
-                   + (f" --limit {recipe.eval.limit}" if recipe.eval.limit else ""))
+                   + (f" --limit {recipe.eval.limit}" if recipe.eval.limit else "")
+                   + f"  # RUN: the run directory of recipe {recipe.name} ($ZOO_HOME/runs/{recipe.name} for zoo build)")
         dataset = f"{family} test split, {r['n']} samples"
         out[f"{family}/{r['metric']}"] = {"value": r["value"], "command": command, "dataset": dataset}
         out[f"{family}/majority_baseline"] = {"value": r["baseline"], "command": command, "dataset": dataset}

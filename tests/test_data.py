@@ -123,7 +123,7 @@ def test_wordnet_parser_and_instructions(built):
         if s.key.endswith("-choice"):
             options = s.instruction.split("Options: ")[1].split(", ")
             assert len(options) == 4 and s.answer in options
-    assert kinds == {"define", "name", "choice"}
+    assert kinds == {"define", "name", "choice", "category"}
 
 
 def test_splits_are_disjoint_including_groups(built):
