@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save
 
 from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.config import ModelConfig, MoEConfig, config_from_dict
@@ -33,7 +34,8 @@ from zoo.model import MultimodalMoE, build_model, model_from_checkpoint_config
 from zoo.pipelines.collate import MixedBatches
 from zoo.pipelines.engine import TorchEngine
 from zoo.pipelines.train import TrainConfig, train
-from zoo.upcycle import upcycle
+from zoo.lm import decoder_layers
+from zoo.upcycle import upcycle, upcycle_from_experts
 
 STAGE_KINDS = ("pretrain-lm", "align", "specialize", "moe-tune", "lora")
 
@@ -117,8 +119,13 @@ class StageConfig:
         train: loop settings (steps, optimizer, checkpoints).
         batch_size: samples per micro-batch.
         trains: parameter-name patterns (fnmatch) that train; default per kind (`DEFAULT_TRAINS`).
-        upcycle: `moe-tune` only: the MoE to upcycle the LM into.
+        upcycle: `moe-tune` only: the MoE to upcycle the LM into. When the previous stage saved
+            specialized FFN copies (`experts_from`), expert j starts from copy j (j mod copies).
         lora: `lora` only: LoRA settings; one adapter is trained per task family in `data`.
+        experts_from: `specialize` only: after the stage, train one copy of the LM's FFNs per
+            "modality" (image / audio / text families) or per "task" (family) on that group's
+            data alone, to seed the experts of the next moe-tune stage (Uni-MoE stage 2).
+        expert_steps: optimizer steps of each FFN copy.
     """
 
     name: str
@@ -129,8 +136,13 @@ class StageConfig:
     trains: list[str] | None = None
     upcycle: MoEConfig | None = None
     lora: LoRAStageConfig | None = None
+    experts_from: str | None = None
+    expert_steps: int = 100
 
     def __post_init__(self) -> None:
+        if self.experts_from is not None and (self.kind != "specialize" or self.experts_from not in ("modality", "task")):
+            raise ValueError(f"stage {self.name!r}: experts_from={self.experts_from!r} needs kind specialize and "
+                             "one of ('modality', 'task')")
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"stage {self.name!r}: kind {self.kind!r} is not one of {STAGE_KINDS}")
         if isinstance(self.train, dict):
@@ -227,9 +239,11 @@ def set_trainable(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     return names
 
 
-def save_model(model: MultimodalMoE, cfg: ModelConfig, path: Path, tokenizer_dir: Path, extra: dict | None = None) -> Path:
+def save_model(model: MultimodalMoE, cfg: ModelConfig, path: Path, tokenizer_dir: Path, extra: dict | None = None,
+               extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a stage's output model (weights, ModelConfig, tokenizer files) as a zoo checkpoint."""
     files = {f"tokenizer/{p.name}": p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()}
+    files.update(extra_files or {})
     config = {"model": cfg.to_dict(), **(extra or {})}
     return save_checkpoint(path, model.state_dict(), config, extra_files=files, overwrite=True)
 
@@ -303,18 +317,27 @@ def run_stage(
             )
         model, cfg = load_model(start)
     if stage.kind == "moe-tune":
-        model.language_model = upcycle(model.hf_model, stage.upcycle)
+        seeds = load_expert_seeds(out_dir / prev.name / "model") if index > 0 else None
+        upcycle_for_stage(model, stage.upcycle, seeds)
         cfg = dataclasses.replace(cfg, moe=stage.upcycle)
     stage_dir = out_dir / stage.name
     if stage.kind != "lora":
         result, trainable = _train_stage(model, stage, datasets, processor, stage_dir / "train",
                                          recipe.seed + index, resume, stage.name, engine)
+        extra_files, groups = {}, {}
+        if stage.experts_from:
+            groups = expert_groups(stage, datasets)
+            seeds = {g: _train_ffn_copy(model, stage, fams, datasets, processor, stage_dir / "experts" / g,
+                                        recipe.seed + index, resume, engine) for g, fams in groups.items()}
+            extra_files[EXPERT_SEEDS] = save({f"{g}/{k}": v for g, sd in seeds.items() for k, v in sd.items()})
         path = stage_dir / "model"
         if _is_main():
             _plot_routing(model, processor, {f: datasets[f] for f in stage.data}, stage_dir / "expert_load.png", stage.name)
             metrics = _evaluate(recipe, model, processor, datasets, stage.data, f"{stage.name}/model") if stage.kind == "moe-tune" else {}
             save_model(model, cfg, path, tokenizer_dir, {"stage": stage.name, "trained": trainable,
-                                                          "final_loss": result.final_loss, "metrics": metrics})
+                                                          "final_loss": result.final_loss, "metrics": metrics,
+                                                          **({"expert_seeds": list(groups)} if groups else {})},
+                       extra_files)
         _barrier()
         return {stage.name: path}
     return _run_lora(recipe, stage, model, cfg, stage_dir, tokenizer_dir, datasets, processor, resume, index, engine)
@@ -362,6 +385,59 @@ def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, proc
 def _mixlora_args(lora: LoRAStageConfig) -> dict[str, Any]:
     return {"num_experts": lora.num_experts, "top_k": lora.top_k, "r": lora.r, "alpha": lora.alpha,
             "dropout": lora.dropout, "layers": "dense"}
+
+
+EXPERT_SEEDS = "expert_seeds.safetensors"
+
+
+def expert_groups(stage: StageConfig, datasets) -> dict[str, list[str]]:
+    """`experts_from` groups: per task family, or per modality (from the media a family's samples carry)."""
+    if stage.experts_from == "task":
+        return {f: [f] for f in sorted(stage.data)}
+    groups: dict[str, list[str]] = {}
+    for family in sorted(stage.data):
+        kinds = {m.kind for s in datasets[family][:32] for m in s.media}
+        groups.setdefault("audio" if "audio" in kinds else "image" if "image" in kinds else "text", []).append(family)
+    return groups
+
+
+def _train_ffn_copy(model, stage: StageConfig, families, datasets, processor, out: Path, seed: int, resume, engine):
+    """Train a copy of `model`'s LM FFNs on `families` alone; return its FFN weights by layer."""
+    copy_model = copy.deepcopy(model)
+    group_stage = dataclasses.replace(
+        stage, data={f: stage.data[f] for f in families}, trains=["language_model.*.mlp.*"], experts_from=None,
+        train=dataclasses.replace(stage.train, steps=stage.expert_steps, ckpt_every=0))
+    _train_stage(copy_model, group_stage, datasets, processor, out / "train", seed, resume, f"{stage.name}:ffn-{out.name}", engine)
+    ffns = {}
+    for i, layer in enumerate(decoder_layers(copy_model.hf_model)):
+        ffns.update({f"{i}/{k}": v.detach().clone() for k, v in layer.mlp.state_dict().items()})
+    return ffns
+
+
+def load_expert_seeds(path: Path) -> list[dict[int, dict[str, torch.Tensor]]] | None:
+    """The FFN copies a specialize stage saved (`experts_from`), as `upcycle_from_experts` takes them."""
+    ckpt = load_checkpoint(path)
+    groups = ckpt.config.get("expert_seeds")
+    if not groups:
+        return None
+    tensors = load_file(str(ckpt.paths[EXPERT_SEEDS]))
+    copies = []
+    for g in groups:
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            group, layer, name = key.split("/", 2)
+            if group == g:
+                layers.setdefault(int(layer), {})[name] = value
+        copies.append(layers)
+    return copies
+
+
+def upcycle_for_stage(model: MultimodalMoE, moe: MoEConfig, seeds=None) -> None:
+    """Upcycle the model's LM in place: copies of its FFNs, or experts seeded from `seeds`."""
+    if seeds:
+        model.language_model = upcycle_from_experts(model.hf_model, seeds, moe)
+    else:
+        model.language_model = upcycle(model.hf_model, moe)
 
 
 def _evaluate(recipe: RecipeConfig, model, processor, datasets, families, output: str) -> dict[str, dict[str, Any]]:

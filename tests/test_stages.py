@@ -8,7 +8,7 @@ import torch
 
 from zoo.checkpoint import load_checkpoint
 from zoo.pipelines.data.shards import shard_paths
-from zoo.pipelines.stages import RecipeConfig, StageConfig, run_recipe
+from zoo.pipelines.stages import RecipeConfig, StageConfig, load_model, run_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "micro.yaml"
 
@@ -130,7 +130,6 @@ def test_every_shipped_recipe_parses():
 
 @pytest.mark.slow
 def test_mixlora_output_reloads_with_its_lora_experts_over_the_frozen_ffn(micro_run):
-    from zoo.pipelines.stages import load_model
 
     recipe, out, outputs = micro_run
     base, mix = _weights(outputs["moe-tune"]), _weights(outputs["mixlora-text"])
@@ -159,3 +158,22 @@ def test_outputs_carry_their_held_out_metrics(micro_run):
     assert 0 <= vqa["vqa/exact_match"]["value"] <= 1 and "--family vqa" in vqa["vqa/exact_match"]["command"]
     base = json.loads((outputs["moe-tune"] / "config.json").read_text())["metrics"]
     assert {"asr/exact_match", "text/accuracy", "vqa/exact_match"} <= set(base)
+
+
+@pytest.mark.slow
+def test_specialize_experts_from_task_seeds_each_expert_with_its_ffn_copy(micro_run):
+    from zoo.pipelines.stages import load_expert_seeds, upcycle_for_stage
+
+    recipe, out, outputs = micro_run
+    seeds = load_expert_seeds(outputs["specialize"])
+    assert len(seeds) == len(recipe.stage("specialize").data)  # experts_from: task -> one copy per family
+    dense, _ = load_model(outputs["specialize"])
+    base = dense.hf_model.model.layers[0].mlp.gate_proj.weight
+    assert all(not torch.equal(s[0]["gate_proj.weight"], base) for s in seeds), "copies were not trained"
+    assert not torch.equal(seeds[0][0]["gate_proj.weight"], seeds[1][0]["gate_proj.weight"])
+    model, _ = load_model(outputs["specialize"])
+    upcycle_for_stage(model, recipe.stage("moe-tune").upcycle, seeds)
+    experts = model.language_model.moe_layers()[0].experts
+    for j, s in enumerate(seeds):  # expert j starts as copy j, exactly
+        assert torch.equal(experts.gate_up_proj[j], torch.cat([s[0]["gate_proj.weight"], s[0]["up_proj.weight"]]))
+        assert torch.equal(experts.down_proj[j], s[0]["down_proj.weight"])
