@@ -130,7 +130,6 @@ def test_every_shipped_recipe_parses():
 
 @pytest.mark.slow
 def test_mixlora_output_reloads_with_its_lora_experts_over_the_frozen_ffn(micro_run):
-
     recipe, out, outputs = micro_run
     base, mix = _weights(outputs["moe-tune"]), _weights(outputs["mixlora-text"])
     experts = [k for k in mix if ".mlp.moe.experts.gate_lora_A" in k]
