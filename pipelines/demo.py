@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 def _ask(model, processor, family: str, data_dir: Path) -> str:
     """Answer the first held-out test sample of `family` from the run's data."""
     from zoo.pipelines.eval import SCORED, generate_answers
-    from zoo.pipelines.stages import load_datasets
+    from zoo.pipelines.runner import load_datasets
 
     if not (data_dir / family).is_dir():  # a multitask model: ask it a vqa question
         family = "vqa"

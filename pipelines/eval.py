@@ -108,7 +108,7 @@ def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequenc
 
 
 def main(argv: list[str] | None = None) -> None:
-    from zoo.pipelines.stages import load_datasets, load_model
+    from zoo.pipelines.runner import load_datasets, load_model
     from zoo.processor import MultimodalProcessor
     from zoo.tokenizer import load_tokenizer
 

@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from zoo.pipelines.stages import EngineSpec, RecipeConfig, run_recipe
+from zoo.pipelines.runner import EngineSpec, run_recipe
+from zoo.pipelines.stages import RecipeConfig
 
 
 def main(argv: list[str] | None = None) -> None:

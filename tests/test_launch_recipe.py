@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from zoo.checkpoint import load_checkpoint
-from zoo.pipelines.stages import RecipeConfig, load_model, run_recipe
+from zoo.pipelines.runner import load_model, run_recipe
+from zoo.pipelines.stages import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "micro.yaml"

@@ -96,7 +96,7 @@ def test_build_installs_every_card_of_the_recipe(built, capsys):
 
 
 def test_load_round_trip_equals_the_recipe_output(built):
-    from zoo.pipelines.stages import load_model
+    from zoo.pipelines.runner import load_model
 
     model, processor = zoo.load("micro-vqa", "^1.0")
     assert (install_dir(get_card("micro-vqa", "^1.0")) / "README.md").read_text().count("name: micro-vqa") == 1

@@ -8,7 +8,8 @@ import torch
 
 from zoo.checkpoint import load_checkpoint
 from zoo.pipelines.data.shards import shard_paths
-from zoo.pipelines.stages import RecipeConfig, StageConfig, load_model, run_recipe
+from zoo.pipelines.runner import load_model, run_recipe
+from zoo.pipelines.stages import RecipeConfig, StageConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "micro.yaml"
 
@@ -161,7 +162,7 @@ def test_outputs_carry_their_held_out_metrics(micro_run):
 
 @pytest.mark.slow
 def test_specialize_experts_from_task_seeds_each_expert_with_its_ffn_copy(micro_run):
-    from zoo.pipelines.stages import load_expert_seeds, upcycle_for_stage
+    from zoo.pipelines.runner import load_expert_seeds, upcycle_for_stage
 
     recipe, out, outputs = micro_run
     seeds = load_expert_seeds(outputs["specialize"])

@@ -411,7 +411,8 @@ def build(
     if not recipe_path.is_file():
         raise LoadError(f"{card.ref}: its recipe {card.recipe!r} does not exist (looked at {str(recipe_path)!r})")
 
-    from zoo.pipelines.stages import RecipeConfig, run_recipe  # training code: imported here only
+    from zoo.pipelines.runner import run_recipe  # training code: imported here only
+    from zoo.pipelines.stages import RecipeConfig
 
     recipe = RecipeConfig.load(recipe_path)
     names = recipe.outputs()
