@@ -118,14 +118,15 @@ def test_sharded_layer_equals_full_layer_for_every_router_on_two_gloo_ranks():
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
+        raised = None
         try:
             mp.start_processes(_worker, args=(2, os.path.join(tmp, "init"), errors), nprocs=2, start_method="spawn")
-        except mp.ProcessRaisedException:
-            pass
+        except mp.ProcessRaisedException as e:  # a worker failed, possibly before it could report
+            raised = e
         found = []
         while not errors.empty():
             found.append(errors.get())
-    assert not found, "\n".join(found)
+    assert not found and raised is None, "\n".join(found) or str(raised)
 
 
 def test_shard_errors_name_the_cause():
