@@ -6,13 +6,16 @@ lets the trainer resume a killed run onto exactly the batches it would have seen
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from zoo.pipelines.data.audio import decode_wav
+from zoo.pipelines.data.feature_cache import FeatureCache
 from zoo.pipelines.data.schema import Sample
 
 _PLACEHOLDER = {"image": "<image>", "audio": "<audio>"}
@@ -24,7 +27,13 @@ def prompt_messages(sample: Sample) -> list[dict[str, str]]:
     return [{"role": "user", "content": tags + ("\n" if tags else "") + sample.instruction}]
 
 
-def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True) -> dict[str, torch.Tensor]:
+def decode_media(kind: str, data: bytes):
+    """Media bytes -> what the processor takes: a PIL RGB image, or `(waveform, sampling_rate)`."""
+    return Image.open(io.BytesIO(data)).convert("RGB") if kind == "image" else decode_wav(data)
+
+
+def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
+            feature_caches: Mapping[str, FeatureCache] | None = None) -> dict[str, torch.Tensor]:
     """Process samples into one batch; the loss is taken on answer tokens only.
 
     Args:
@@ -32,23 +41,56 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True) 
         processor: a `zoo.processor.MultimodalProcessor`.
         with_answers: include the answers and `labels` (training); else prompts end with the
             assistant tag, left-padded, for generation.
+        feature_caches: modality -> cache of its frozen encoder's features; that modality's
+            media then reach the model as `encoder_features` (the encoder never runs twice on
+            the same media).
 
     Returns:
         `input_ids`, `attention_mask` `[B, S]`, `labels` `[B, S]` (-100 on prompt and padding),
-        and `images [n, 3, H, W]` / `audio [n, mels, frames]` when any sample has them.
+        and `images [n, 3, H, W]` / `audio [n, mels, frames]` (or `encoder_features`) when any
+        sample has them.
     """
     prompts = [processor.apply_chat_template(prompt_messages(s), add_generation_prompt=True) for s in samples]
     texts = [p + s.answer + processor.tokenizer.eos_token + "\n" for p, s in zip(prompts, samples)] if with_answers else prompts
-    images = [Image.open(io.BytesIO(m.data)).convert("RGB") for s in samples for m in s.media if m.kind == "image"]
-    audio = [decode_wav(m.data) for s in samples for m in s.media if m.kind == "audio"]
-    batch = processor(texts, images=images or None, audio=audio or None, padding_side="right" if with_answers else "left")
+    items = {k: [m.data for s in samples for m in s.media if m.kind == k] for k in _PLACEHOLDER}
+    cached = {k: c for k, c in (feature_caches or {}).items() if items.get(k)}
+    # cached modalities are never decoded: their features come from the cache below
+    images = [decode_media("image", b) for b in items["image"]] if "image" not in cached else None
+    audio = [decode_media("audio", b) for b in items["audio"]] if "audio" not in cached else None
+    batch = processor(texts, images=images or None, audio=audio or None, padding_side="right" if with_answers else "left",
+                      precomputed=tuple(cached))
     if with_answers:
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
         for row, prompt in enumerate(prompts):
             labels[row, : len(processor.tokenizer(prompt)["input_ids"])] = -100
         batch["labels"] = labels
+    if cached:
+        batch["encoder_features"] = {k: torch.stack(c.encode(items[k])) for k, c in cached.items()}
     return batch
+
+
+def frozen_encoder_caches(model, processor, cache_dir: str | Path) -> dict[str, FeatureCache]:
+    """A feature cache for each encoder the model keeps frozen (eval mode, no gradient).
+
+    The cache key names the encoder class and a sha256 of its weights, so a different or retrained
+    encoder never reads another's features.
+    """
+    caches = {}
+    for modality, encoder in model.encoders.items():
+        if f"encoders.{modality}" not in model.frozen or any(p.requires_grad for p in encoder.parameters()):
+            continue
+        digest = hashlib.sha256()
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        proc = processor.image_processor if modality == "image" else processor.audio_processor
+
+        def run(items, encoder=encoder, proc=proc, modality=modality):
+            return encoder(proc([decode_media(modality, b) for b in items]))
+
+        caches[modality] = FeatureCache(cache_dir, f"{modality}-{type(encoder).__name__}-{digest.hexdigest()[:16]}", run)
+    return caches
 
 
 class MixedBatches:
@@ -63,7 +105,7 @@ class MixedBatches:
     """
 
     def __init__(self, datasets: Mapping[str, Sequence[Sample]], weights: Mapping[str, float], processor,
-                 batch_size: int, seed: int = 0) -> None:
+                 batch_size: int, seed: int = 0, feature_caches: Mapping[str, FeatureCache] | None = None) -> None:
         missing = sorted(f for f in weights if not datasets.get(f))
         if missing:
             raise ValueError(f"no training samples for task famil{'y' if len(missing) == 1 else 'ies'} {missing}; "
@@ -76,6 +118,7 @@ class MixedBatches:
         self.processor = processor
         self.batch_size = batch_size
         self.seed = seed
+        self.feature_caches = dict(feature_caches or {})
 
     def samples_at(self, index: int) -> list[Sample]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -87,4 +130,4 @@ class MixedBatches:
         return out
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
-        return collate(self.samples_at(index), self.processor)
+        return collate(self.samples_at(index), self.processor, feature_caches=self.feature_caches)

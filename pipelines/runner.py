@@ -23,7 +23,7 @@ from zoo.checkpoint import load_checkpoint, save_checkpoint
 from zoo.config import ModelConfig, MoEConfig
 from zoo.lm import decoder_layers
 from zoo.model import MultimodalMoE, build_model, model_from_checkpoint_config
-from zoo.pipelines.collate import MixedBatches
+from zoo.pipelines.collate import MixedBatches, frozen_encoder_caches
 from zoo.pipelines.engine import TorchEngine
 from zoo.pipelines.stages import LoRAStageConfig, RecipeConfig, StageConfig
 from zoo.pipelines.train import train
@@ -91,10 +91,11 @@ def load_model(path: Path) -> tuple[MultimodalMoE, ModelConfig]:
 
 
 def _train_stage(model, stage: StageConfig, datasets, processor, out: Path, seed: int, resume: bool, name: str,
-                 spec: EngineSpec):
+                 spec: EngineSpec, feature_dir: Path | None = None):
     trainable = set_trainable(model, stage.trains)
     ep_size = 1
-    mixed = MixedBatches(datasets, stage.data, processor, stage.batch_size, seed)
+    caches = frozen_encoder_caches(model, processor, feature_dir) if feature_dir is not None else {}
+    mixed = MixedBatches(datasets, stage.data, processor, stage.batch_size, seed, feature_caches=caches)
     if spec.kind == "torch":
         engine, batches = TorchEngine(model, stage.train.optim, stage.train.steps), mixed
     else:
@@ -157,7 +158,7 @@ def run_stage(
     stage_dir = out_dir / stage.name
     if stage.kind != "lora":
         result, trainable = _train_stage(model, stage, datasets, processor, stage_dir / "train",
-                                         recipe.seed + index, resume, stage.name, engine)
+                                         recipe.seed + index, resume, stage.name, engine, out_dir / "features")
         extra_files, groups = {}, {}
         if stage.experts_from:
             groups = expert_groups(stage, datasets)
@@ -198,7 +199,8 @@ def _run_lora(recipe, stage, base, cfg, stage_dir, tokenizer_dir, datasets, proc
             family_stage = dataclasses.replace(family_stage, trains=[n for n, p in model.named_parameters() if p.requires_grad])
             extra["mixlora"] = _mixlora_args(stage.lora)
         result, trainable = _train_stage(model, family_stage, datasets, processor, stage_dir / family / "train",
-                                         recipe.seed + index, resume, f"{stage.name}:{family}", engine)
+                                         recipe.seed + index, resume, f"{stage.name}:{family}", engine,
+                                         stage_dir.parent / "features")
         if stage.lora.kind == "plain":
             _set_lm(model, peft_lm.merge_and_unload())
         else:
@@ -241,7 +243,8 @@ def _train_ffn_copy(model, stage: StageConfig, families, datasets, processor, ou
     group_stage = dataclasses.replace(
         stage, data={f: stage.data[f] for f in families}, trains=["language_model.*.mlp.*"], experts_from=None,
         train=dataclasses.replace(stage.train, steps=stage.expert_steps, ckpt_every=0))
-    _train_stage(copy_model, group_stage, datasets, processor, out / "train", seed, resume, f"{stage.name}:ffn-{out.name}", engine)
+    _train_stage(copy_model, group_stage, datasets, processor, out / "train", seed, resume, f"{stage.name}:ffn-{out.name}",
+                 engine, out.parents[2] / "features")
     ffns = {}
     for i, layer in enumerate(decoder_layers(copy_model.hf_model)):
         ffns.update({f"{i}/{k}": v.detach().clone() for k, v in layer.mlp.state_dict().items()})

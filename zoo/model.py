@@ -137,10 +137,15 @@ class MultimodalMoE(nn.Module):
         """`[B, S] -> [B, S, d]` through the LM's input embeddings."""
         return self.hf_model.get_input_embeddings()(input_ids)
 
-    def encode(self, modality: str, media: torch.Tensor, text=None, text_mask=None):
-        """Encoder then connector for one modality: `[n, ...] -> ([n, M, d], routing | None)`."""
+    def encode(self, modality: str, media: torch.Tensor, text=None, text_mask=None, *, precomputed: bool = False):
+        """Encoder then connector for one modality: `[n, ...] -> ([n, M, d], routing | None)`.
+
+        With `precomputed`, `media` already holds the encoder's output features `[n, N, D]`.
+        """
         encoder = self.encoders[modality]
-        if f"encoders.{modality}" in self.frozen:
+        if precomputed:
+            features = media
+        elif f"encoders.{modality}" in self.frozen:
             with torch.no_grad():
                 features = encoder(media)
         else:
@@ -183,6 +188,7 @@ class MultimodalMoE(nn.Module):
         audio: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         padding_side: str = "right",
+        encoder_features: dict[str, torch.Tensor] | None = None,
     ) -> SplicedInputs:
         """Replace each placeholder by its media's connector tokens and re-pad the batch.
 
@@ -193,6 +199,9 @@ class MultimodalMoE(nn.Module):
             audio: `[n_clips, n_mels, frames]`, in placeholder order over the batch.
             labels: `[B, S]` or None.
             padding_side: where the spliced batch is padded ("left" for generation).
+            encoder_features: modality -> precomputed output of its (frozen) encoder `[n, N, D]`,
+                in place of that modality's media (e.g. from a feature cache); the encoder is
+                skipped, the connector runs as usual.
 
         Returns:
             `SplicedInputs` of length L = the longest spliced sample.
@@ -206,6 +215,18 @@ class MultimodalMoE(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"MultimodalMoE: labels {tuple(labels.shape)} do not match input_ids {tuple(input_ids.shape)}")
         media = {"image": images, "audio": audio}
+        precomputed = dict(encoder_features or {})
+        for modality, features in precomputed.items():
+            if modality not in self.encoders:
+                raise ValueError(f"MultimodalMoE: encoder_features for {modality!r}, but this model has no {modality} encoder")
+            if media.get(modality) is not None:
+                raise ValueError(f"MultimodalMoE: both {_MEDIA_NAMES[modality]} and encoder_features[{modality!r}] were given")
+            if any(p.requires_grad for p in self.encoders[modality].parameters()):
+                raise ValueError(
+                    f"MultimodalMoE: encoder_features[{modality!r}] given, but the {modality} encoder is trainable: "
+                    "precomputed features would cut its gradient"
+                )
+            media[modality] = features
         positions = self._check_media(input_ids, attention_mask, media)
         text = self.embed_tokens(input_ids)  # [B, S, d]
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -221,7 +242,8 @@ class MultimodalMoE(nn.Module):
             if not owners:
                 continue
             owner = torch.tensor(owners, device=input_ids.device)
-            out, route = self.encode(modality, media[modality], text[owner], text_mask[owner])
+            out, route = self.encode(modality, media[modality], text[owner], text_mask[owner],
+                                     precomputed=modality in precomputed)
             tokens[modality] = out.to(text.dtype)
             if route is not None:
                 routing[modality] = route
@@ -282,6 +304,7 @@ class MultimodalMoE(nn.Module):
         images: torch.Tensor | None = None,
         audio: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        encoder_features: dict[str, torch.Tensor] | None = None,
         **lm_kwargs,
     ) -> MultimodalOutput:
         """Splice media into the text and run the LM.
@@ -292,12 +315,14 @@ class MultimodalMoE(nn.Module):
             images: `[n_images, 3, H, W]` (flat over the batch, placeholder order).
             audio: `[n_clips, n_mels, frames]`.
             labels: `[B, S]`, -100 where no loss is taken (placeholders are masked anyway).
+            encoder_features: precomputed frozen-encoder outputs per modality (see `splice`).
             **lm_kwargs: passed to the LM (`use_cache`, ...).
 
         Returns:
             `MultimodalOutput`; logits are over the spliced sequence (`output.attention_mask`).
         """
-        s = self.splice(input_ids, attention_mask, images=images, audio=audio, labels=labels)
+        s = self.splice(input_ids, attention_mask, images=images, audio=audio, labels=labels,
+                        encoder_features=encoder_features)
         out = self.language_model(
             inputs_embeds=s.inputs_embeds,
             attention_mask=s.attention_mask,
@@ -336,6 +361,7 @@ class MultimodalMoE(nn.Module):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         audio: torch.Tensor | None = None,
+        encoder_features: dict[str, torch.Tensor] | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Generate text after a prompt with media (the batch is spliced and left-padded).
@@ -345,12 +371,14 @@ class MultimodalMoE(nn.Module):
             attention_mask: `[B, S]`.
             images: `[n_images, 3, H, W]`.
             audio: `[n_clips, n_mels, frames]`.
+            encoder_features: precomputed frozen-encoder outputs per modality (see `splice`).
             **generate_kwargs: transformers `generate` options (`max_new_tokens`, `do_sample`, ...).
 
         Returns:
             `[B, T]` the new token ids only (the prompt is given as embeddings).
         """
-        s = self.splice(input_ids, attention_mask, images=images, audio=audio, padding_side="left")
+        s = self.splice(input_ids, attention_mask, images=images, audio=audio, padding_side="left",
+                        encoder_features=encoder_features)
         return self.hf_model.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **generate_kwargs)
 
 

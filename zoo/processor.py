@@ -71,6 +71,7 @@ class MultimodalProcessor:
         *,
         return_labels: bool = False,
         padding_side: str = "right",
+        precomputed: Sequence[str] = (),
     ) -> dict[str, torch.Tensor]:
         """Tokenize, pad and process media.
 
@@ -80,6 +81,8 @@ class MultimodalProcessor:
             audio: `(waveform, sampling_rate)` pairs (or waveforms at the processor's rate), flat.
             return_labels: add `labels` = input_ids with padding set to -100.
             padding_side: "right" (training) or "left".
+            precomputed: modalities ("image", "audio") whose media reach the model separately,
+                as `encoder_features`: their placeholders are kept and no media are expected.
 
         Returns:
             `input_ids [B, S]`, `attention_mask [B, S]`, and `images [n, 3, H, W]` /
@@ -88,10 +91,14 @@ class MultimodalProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         enc = self.tokenizer(texts, padding=True, padding_side=padding_side, return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        for name, items, proc, token_id in (
-            ("images", images, self.image_processor, self.image_token_id),
-            ("audio", audio, self.audio_processor, self.audio_token_id),
+        for modality, name, items, proc, token_id in (
+            ("image", "images", images, self.image_processor, self.image_token_id),
+            ("audio", "audio", audio, self.audio_processor, self.audio_token_id),
         ):
+            if modality in precomputed:
+                if items is not None:
+                    raise ValueError(f"MultimodalProcessor: {name} given for a modality marked precomputed")
+                continue
             count = int((batch["input_ids"] == token_id).sum())
             n = len(items) if items is not None else 0
             if n and proc is None:
