@@ -83,7 +83,7 @@ def frozen_encoder_caches(model, processor, cache_dir: str | Path) -> dict[str, 
         digest = hashlib.sha256()
         for name, tensor in sorted(encoder.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim too
         proc = processor.image_processor if modality == "image" else processor.audio_processor
 
         def run(items, encoder=encoder, proc=proc, modality=modality):

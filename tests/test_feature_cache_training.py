@@ -46,6 +46,7 @@ def setup():
 def test_cached_features_give_the_same_loss_and_the_encoder_runs_once_per_image(setup, tmp_path):
     model, processor, samples = setup
     model.train()
+    model.encoders["image"].register_buffer("num_batches_tracked", torch.tensor(7))  # 0-dim, as BatchNorm's
     caches = frozen_encoder_caches(model, processor, tmp_path)
     assert set(caches) == {"image", "audio"}
     plain = collate(samples, processor)
