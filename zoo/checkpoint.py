@@ -489,6 +489,23 @@ def moe_lm_from_config(config: Mapping[str, Any], *, dtype: torch.dtype | None =
     return upcycle(lm, MoEConfig.from_dict(dict(config["moe"])))
 
 
+def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], directory, *,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a checkpoint's `state` into the model its config built, every key matched; then place it.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first missing / unexpected keys.
+    """
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} does not match the model its config builds: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    model = model.to(device=device)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
 def load_moe_lm(
     directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ):
@@ -512,15 +529,7 @@ def load_moe_lm(
         )
     saved_dtype = floating.pop() if floating else torch.float32
     model = moe_lm_from_config(config, dtype=saved_dtype)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {str(directory)!r} does not match the model its config builds: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    model = model.to(device=device)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
+    model = load_weights_into(model, state, directory, device=device, dtype=dtype)
     return model.eval(), paths
 
 

@@ -36,6 +36,7 @@ from zoo.checkpoint import (
     CheckpointError,
     atomic_directory_write,
     load_checkpoint,
+    load_weights_into,
     read_manifest,
     verify_checkpoint,
     write_manifest,
@@ -319,15 +320,7 @@ def load_directory(
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(floating) == 1:
         model = model.to(dtype=floating.pop())
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {str(root)!r} does not match the model its config builds: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    model = model.to(device=device)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
+    model = load_weights_into(model, state, root, device=device, dtype=dtype)
     if not any(rel.startswith(TOKENIZER_DIR + "/") for rel in paths):
         raise CheckpointError(f"checkpoint {str(root)!r} has no {TOKENIZER_DIR}/ files; it cannot make a processor")
     processor = MultimodalProcessor.from_model(model, load_tokenizer(root / TOKENIZER_DIR))
