@@ -131,4 +131,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from zoo.cli import report_errors
+    from zoo.pipelines.run import USER_ERRORS
+
+    sys.exit(report_errors("zoo.pipelines.eval", main, USER_ERRORS))

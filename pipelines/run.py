@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
+from zoo.checkpoint import CheckpointError
+from zoo.cli import report_errors
+from zoo.pipelines.data.shards import CorruptShardError
+from zoo.pipelines.engine import NonFiniteError
 from zoo.pipelines.runner import EngineSpec, run_recipe
 from zoo.pipelines.stages import RecipeConfig
+
+
+# Bad input (a wrong recipe key, a missing file, a corrupt shard, a NaN loss) is reported in one
+# line that names the cause; ZOO_DEBUG=1 shows the traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, CheckpointError, CorruptShardError, NonFiniteError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_errors("zoo.pipelines.run", main, USER_ERRORS))

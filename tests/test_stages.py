@@ -177,3 +177,21 @@ def test_specialize_experts_from_task_seeds_each_expert_with_its_ffn_copy(micro_
     for j, s in enumerate(seeds):  # expert j starts as copy j, exactly
         assert torch.equal(experts.gate_up_proj[j], torch.cat([s[0]["gate_proj.weight"], s[0]["up_proj.weight"]]))
         assert torch.equal(experts.down_proj[j], s[0]["down_proj.weight"])
+
+
+def test_run_cli_reports_bad_input_in_one_line_naming_the_cause(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: r\nmodel: {RECIPE.parents[1] / 'models' / 'micro-zoo.yaml'}\n"
+                   "stages:\n  - {name: a, kind: align, data: {vqa: 1}, batchsize: 4}\n")
+    cmd = [sys.executable, "-m", "zoo.pipelines.run", "--recipe", str(bad), "--out", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "zoo.pipelines.run: error: StageConfig: unknown config key(s) ['batchsize']" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ZOO_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

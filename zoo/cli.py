@@ -191,6 +191,24 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_errors(prog: str, fn, errors: tuple[type[BaseException], ...]) -> int:
+    """Call `fn()`; an expected error prints `prog: error: <cause>` and gives status 1, not a traceback.
+
+    Set `ZOO_DEBUG=1` to get the traceback anyway.
+
+    Returns:
+        `fn()`'s status if it returned an int, else 0; 1 after an expected error.
+    """
+    try:
+        status = fn()
+    except errors as e:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return status if isinstance(status, int) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage)."""
     parser = make_parser()
@@ -198,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        return args.func(args)
-    except _ERRORS as e:
-        print(f"zoo: error: {e}", file=sys.stderr)
-        return 1
+    return report_errors("zoo", lambda: args.func(args), _ERRORS)
 
 
 if __name__ == "__main__":
