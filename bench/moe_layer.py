@@ -68,7 +68,7 @@ def main() -> None:
     with torch.no_grad():
         for prm in hf.parameters():
             prm.normal_(std=0.02)
-    ours = build_sparse_moe(MoEConfig(num_experts=E, top_k=k), d, f)
+    ours = build_sparse_moe(MoEConfig(num_experts=E, router_options={"top_k": k}), d, f)
     with torch.no_grad():
         ours.router.weight.copy_(hf.gate.weight)
         ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)

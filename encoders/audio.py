@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.encoders.registry import ENCODERS, reject_unused
+
 
 def mel_filters(n_mels: int, n_fft: int, sampling_rate: int) -> torch.Tensor:
     """Slaney-normalized mel filterbank (as Whisper), `[n_fft // 2 + 1, n_mels]`, float32."""
@@ -95,3 +97,17 @@ class WhisperAudioEncoder(nn.Module):
             return self.model(features.to(dtype)).last_hidden_state
         out = self.model(features.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.feature_layer]
+
+
+@ENCODERS.register("whisper", example={"options": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
+                                                   "encoder_ffn_dim": 64, "num_mel_bins": 16,
+                                                   "max_source_positions": 16}})
+def whisper_encoder(*, name: str | None = None, options: dict | None = None, feature_layer: int | None = None,
+                    select: str = "patch", image_size: int | None = None,
+                    weights: str | None = None) -> WhisperAudioEncoder:
+    """`EncoderConfig(kind="whisper")`: the Whisper encoder from `WhisperConfig` fields (`options`).
+
+    Audio has no prefix tokens, so `select` does not apply; `name` and `image_size` must be unset.
+    """
+    reject_unused("whisper", name=name, image_size=image_size)
+    return WhisperAudioEncoder(options, feature_layer=-1 if feature_layer is None else feature_layer, weights=weights)

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.moe.router import RouterOutput, TopKRouter
+from zoo.encoders.registry import CONNECTORS
+from zoo.moe.routers import RouterOutput, TopKRouter
 
 
+@CONNECTORS.register("mlp")
 class MLPProjector(nn.Module):
     """LLaVA's `multi_modal_projector`: linear -> GELU -> linear (depth 2), or a single linear (depth 1).
 
@@ -63,6 +65,7 @@ class _CrossAttentionBlock(nn.Module):
         return q + self.mlp(self.norm_mlp(q))
 
 
+@CONNECTORS.register("resampler", example={"num_queries": 4, "num_layers": 1, "num_heads": 2})
 class QueryResampler(nn.Module):
     """Q-Former-style resampler: M learned queries cross-attend to the encoder features.
 
@@ -107,6 +110,7 @@ class QueryResampler(nn.Module):
         return self.out_proj(self.norm(q)), None
 
 
+@CONNECTORS.register("moe_projector", example={"num_experts": 4, "top_k": 2, "num_heads": 2})
 class LanguageMoEProjector(nn.Module):
     """Parrot-style language-conditioned MoE projector.
 
@@ -177,17 +181,6 @@ class LanguageMoEProjector(nn.Module):
         return out, routing
 
 
-CONNECTORS: dict[str, type[nn.Module]] = {
-    "mlp": MLPProjector,
-    "resampler": QueryResampler,
-    "moe_projector": LanguageMoEProjector,
-}
-
-
-def build_connector(kind: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """Build a registered connector by name; an unknown name lists the registered ones."""
-    try:
-        cls = CONNECTORS[kind]
-    except KeyError:
-        raise ValueError(f"unknown connector {kind!r}; registered connectors: {sorted(CONNECTORS)}") from None
-    return cls(in_dim, out_dim, **kwargs)
+def build_connector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Module:
+    """Build a registered connector (`CONNECTORS.build`); an unknown kind or option is named."""
+    return CONNECTORS.build(kind, options, in_dim=in_dim, out_dim=out_dim)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.encoders.registry import ENCODERS
+
 SELECT = ("patch", "all")
 
 
@@ -253,3 +255,29 @@ def resolve_weights(weights: str | None) -> str | None:
     if name not in PRETRAINED_WEIGHTS:
         raise ValueError(f"unknown packaged weights {name!r}; known: {sorted(PRETRAINED_WEIGHTS)}")
     return PRETRAINED_WEIGHTS[name]()
+
+
+_TIMM_EXAMPLE = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+
+
+@ENCODERS.register("timm", example={"name": "vit_tiny_patch16_224", "options": _TIMM_EXAMPLE, "image_size": 32})
+def timm_encoder(*, name: str | None = None, options: dict | None = None, feature_layer: int | None = None,
+                 select: str = "patch", image_size: int | None = None, weights: str | None = None) -> TimmVisionEncoder:
+    """`EncoderConfig(kind="timm")`: any timm model by `name`; `options` go to `timm.create_model`."""
+    if not name:
+        raise ValueError("encoder 'timm' needs a model `name` (any timm.create_model name)")
+    return TimmVisionEncoder(name, feature_layer=feature_layer, select=select, image_size=image_size, weights=weights,
+                             **(options or {}))
+
+
+@ENCODERS.register("open_clip", example={"options": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+                                                     "image_size": 32}})
+def open_clip_encoder(*, name: str | None = None, options: dict | None = None, feature_layer: int | None = None,
+                      select: str = "patch", image_size: int | None = None,
+                      weights: str | None = None) -> OpenClipVisionEncoder:
+    """`EncoderConfig(kind="open_clip")`: a named open_clip tower and/or a custom `vision_cfg` (`options`)."""
+    vision_cfg = dict(options or {})
+    if image_size is not None:
+        vision_cfg["image_size"] = image_size
+    return OpenClipVisionEncoder(name, vision_cfg=vision_cfg, feature_layer=-1 if feature_layer is None else feature_layer,
+                                 select=select, weights=weights)

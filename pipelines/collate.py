@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from zoo.models.lm import IGNORE_INDEX
 from zoo.pipelines.data.audio import decode_wav
 from zoo.pipelines.data.feature_cache import FeatureCache
 from zoo.pipelines.data.schema import Sample
@@ -46,7 +47,7 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
             the same media).
 
     Returns:
-        `input_ids`, `attention_mask` `[B, S]`, `labels` `[B, S]` (-100 on prompt and padding),
+        `input_ids`, `attention_mask` `[B, S]`, `labels` `[B, S]` (IGNORE_INDEX on prompt and padding),
         and `images [n, 3, H, W]` / `audio [n, mels, frames]` (or `encoder_features`) when any
         sample has them.
     """
@@ -61,9 +62,9 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
                       precomputed=tuple(cached))
     if with_answers:
         labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         for row, prompt in enumerate(prompts):
-            labels[row, : len(processor.tokenizer(prompt)["input_ids"])] = -100
+            labels[row, : len(processor.tokenizer(prompt)["input_ids"])] = IGNORE_INDEX
         batch["labels"] = labels
     if cached:
         batch["encoder_features"] = {k: torch.stack(c.encode(items[k])) for k, c in cached.items()}

@@ -42,12 +42,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.expert_parallel import expert_group_name, is_expert_param, shard_experts
+from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.layer import SparseMoE
-from zoo.pipelines.engine import NonFiniteError, OptimConfig, StepResult, cosine_with_warmup
+from zoo.pipelines.engine import NonFiniteError, StepResult
+from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
+from zoo.resources import resource_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+CONFIG_DIR = resource_dir("configs/deepspeed")
 _EXPERT_DIR = "zoo_experts"
 _CLIENT_KEY = "zoo_client_state"
 
@@ -158,11 +160,7 @@ def moe_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (every parameter is frozen)")
-    fresh = [
-        {"name": "decay", "params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = split_params_into_different_moe_groups_for_optimizer([g for g in fresh if g["params"]])
+    groups = split_params_into_different_moe_groups_for_optimizer(decay_groups((p for _, p in params), weight_decay))
     groups = [g for g in groups if g["params"]]
     check_moe_param_groups(dict(params), groups)
     return groups
@@ -362,19 +360,11 @@ class DeepSpeedEngine:
         else:
             self.ep_rank, self._edp_rank = 0, 0
         self.module = model
-        groups = moe_param_groups(model, optim.weight_decay) if moes else [
-            g for g in (
-                {"params": [p for p in model.parameters() if p.requires_grad and p.ndim >= 2], "weight_decay": optim.weight_decay},
-                {"params": [p for p in model.parameters() if p.requires_grad and p.ndim < 2], "weight_decay": 0.0},
-            ) if g["params"]
-        ]
+        groups = moe_param_groups(model, optim.weight_decay) if moes else decay_groups(
+            (p for p in model.parameters() if p.requires_grad), optim.weight_decay)
         if not groups:
             raise ValueError(f"DeepSpeedEngine: {type(model).__name__} has no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: cosine_with_warmup(s, warmup_steps=optim.warmup_steps, total_steps=total_steps, min_lr_ratio=optim.min_lr_ratio),
-        )
+        optimizer, scheduler = build_optimizer(groups, optim, total_steps)
         self.zero_stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         # ZeRO-0 fp32: DeepSpeed averages per-rank norms when experts are sharded, which is not the
         # global norm; this engine clips with the exact global norm itself instead.

@@ -17,30 +17,31 @@ import time
 from pathlib import Path
 
 import zoo
-from zoo.hub import zoo_home
-from zoo.loading import install_dir, is_installed, read_card
-from zoo.registry import Registry
+from zoo.catalog.cards import Catalog
+from zoo.catalog.install import install_dir, is_installed, read_card
+from zoo.io.hub import zoo_home
+from zoo.pipelines.build import build
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None, help="card names (default: every card of the recipe)")
     p.add_argument("--recipe", default="tiny-zoo", help="build the cards whose recipe file has this stem")
-    p.add_argument("--cards-dir", default=None, help="model cards directory (default: the repository's)")
+    p.add_argument("--cards-dir", default=None, help="model cards directory (default: the cards shipped with moe-zoo)")
     p.add_argument("--rebuild", action="store_true", help="re-run the recipe even if the zoo is built")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    registry = Registry.from_dir(a.cards_dir)
-    cards = [registry.get(n) for n in a.models] if a.models else [
-        registry.get(n) for n in registry.names() if (c := registry.get(n)).recipe and Path(c.recipe).stem == a.recipe
+    catalog = Catalog.from_dir(a.cards_dir)
+    cards = [catalog.get(n) for n in a.models] if a.models else [
+        catalog.get(n) for n in catalog.names() if (c := catalog.get(n)).recipe and Path(c.recipe).stem == a.recipe
     ]
     if not cards:
         raise SystemExit(f"demo: no model card builds from a recipe named {a.recipe!r}")
     t0 = time.time()
     if a.rebuild or not all(is_installed(c) for c in cards):
         print(f"building {', '.join(c.ref for c in cards)} from {cards[0].recipe} (one run builds them all)")
-        zoo.build(cards[0].name, cards[0].version, force=a.rebuild, cards_dir=a.cards_dir)
+        build(cards[0].name, str(cards[0].version), force=a.rebuild, cards_dir=a.cards_dir)
         print(f"built in {time.time() - t0:.0f}s")
     rows = []
     for card in cards:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 def _ask(model, processor, family: str, data_dir: Path) -> str:
     """Answer the first held-out test sample of `family` from the run's data."""
     from zoo.pipelines.eval import SCORED, generate_answers
-    from zoo.pipelines.runner import load_datasets
+    from zoo.pipelines.datasets import load_datasets
 
     if not (data_dir / family).is_dir():  # a multitask model: ask it a vqa question
         family = "vqa"

@@ -4,13 +4,13 @@ The interface follows DeepSpeed's engine so that a DeepSpeed engine is a thin ad
 `backward(loss)` scales by the accumulation steps, `step()` is called after every micro-batch and
 updates only at an accumulation boundary; the engine owns its checkpoint I/O.
 
-`TorchEngine` is one process, plain PyTorch, CPU or GPU.
+`TorchEngine` is one process, plain PyTorch, CPU or GPU; `make_engine` builds the engine an
+`EngineSpec` names (`DeepSpeedEngine` in `deepspeed_engine.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,61 +18,8 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save
 
-from zoo.checkpoint import load_checkpoint, save_checkpoint
-from zoo.config import config_from_dict, config_to_dict
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer, schedule and step settings of one training stage.
-
-    Attributes:
-        lr: peak learning rate.
-        min_lr_ratio: the cosine schedule ends at `lr * min_lr_ratio`.
-        warmup_steps: linear warmup from 0 over this many optimizer steps.
-        weight_decay: AdamW decay on matrices (never on vectors: norms, biases).
-        betas: AdamW betas.
-        grad_clip: max global grad norm; 0 disables clipping.
-        grad_accum: micro-batches per optimizer step.
-        precision: "fp32", or "bf16" autocast (weights and optimizer state stay fp32).
-    """
-
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"OptimConfig: precision={self.precision!r} is not one of {PRECISIONS}")
-        if self.grad_accum < 1:
-            raise ValueError(f"OptimConfig: grad_accum must be >= 1, got {self.grad_accum}")
-        if self.lr <= 0:
-            raise ValueError(f"OptimConfig: lr must be > 0, got {self.lr}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
-        return config_from_dict(cls, data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-
-def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier at optimizer step `step`: linear warmup, then cosine down to `min_lr_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
+from zoo.io.checkpoint import load_checkpoint, load_strict, save_checkpoint
+from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
 
 @dataclass
 class StepResult:
@@ -141,17 +88,7 @@ class TorchEngine:
         if not params:
             raise ValueError("TorchEngine: the model has no trainable parameters (every parameter is frozen)")
         self.params = [p for _, p in params]
-        groups = [
-            {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: cosine_with_warmup(
-                s, warmup_steps=optim.warmup_steps, total_steps=total_steps, min_lr_ratio=optim.min_lr_ratio
-            ),
-        )
+        self.optimizer, self.scheduler = build_optimizer(decay_groups(self.params, optim.weight_decay), optim, total_steps)
         self.micro_step = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -196,12 +133,55 @@ class TorchEngine:
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore what `save_checkpoint` wrote (verified against its manifest); return client_state."""
         ckpt = load_checkpoint(path, device=self.device)
-        missing, unexpected = self.model.load_state_dict(ckpt.state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        load_strict(self.model, ckpt.state_dict, path)
         tensors = load_file(str(ckpt.paths["optimizer.safetensors"]))
         self.optimizer.load_state_dict(_join_tensors(ckpt.config["optimizer"], tensors))
         self.scheduler.load_state_dict({**ckpt.config["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         self.micro_step = ckpt.config["micro_step"]
         return ckpt.config["client_state"]
 
+
+
+@dataclass
+class EngineSpec:
+    """Which engine runs the stages.
+
+    Attributes:
+        kind: "torch" (one process) or "deepspeed" (launched by `pipelines/launch/*.sh`).
+        ds_config: DeepSpeed config name in `configs/deepspeed/` or a path ("zero2": fp32 or bf16
+            from the stage's precision).
+        ep_size: expert-parallel group size (DeepSpeed only).
+    """
+
+    kind: str = "torch"
+    ds_config: str = "zero2"
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("torch", "deepspeed"):
+            raise ValueError(f"engine {self.kind!r} is not one of ('torch', 'deepspeed')")
+        if self.kind == "torch" and self.ep_size != 1:
+            raise ValueError("ep_size > 1 needs the deepspeed engine (launch with pipelines/launch/*.sh)")
+
+
+def make_engine(spec: EngineSpec, model: torch.nn.Module, optim: OptimConfig, total_steps: int, batches):
+    """The engine `spec` names around `model`, and the batch function each of its ranks reads.
+
+    Under DeepSpeed every data-parallel rank gets its own batches (`batches(i * ranks + rank)`), and
+    experts are sharded over `spec.ep_size` ranks when the stage trains them (with no trainable
+    experts it is data parallel only).
+
+    Returns:
+        `(engine, batch_at, ep_size)`: `ep_size` is the expert-parallel size actually used.
+    """
+    if spec.kind == "torch":
+        return TorchEngine(model, optim, total_steps), batches, 1
+    from zoo.moe.experts import SwiGLUExperts
+    from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
+
+    trains_experts = any(isinstance(m, SwiGLUExperts) and any(p.requires_grad for p in m.parameters())
+                         for m in model.modules())
+    ep_size = spec.ep_size if trains_experts else 1
+    engine = DeepSpeedEngine(model, optim, total_steps, ds_config=spec.ds_config, ep_size=ep_size)
+    rank, ranks = engine.dp_rank, engine.dp_world_size
+    return engine, (lambda i: batches(i * ranks + rank)), ep_size

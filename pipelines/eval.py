@@ -4,7 +4,7 @@ Metrics: exact match (normalized) for `vqa` and `asr`; accuracy on the closed-an
 for `text` (WordNet category of a definition, multiple choice); SQuAD-style token F1 for `caption`. Each result carries a majority-answer baseline from the training split, so "above
 chance" is a number, not a claim.
 
-    python -m zoo.pipelines.eval --checkpoint RUN/lora/vqa/model --data RUN/data --family vqa
+    zoo eval RUN/lora/vqa/model --family vqa        (or python -m zoo.pipelines.eval --checkpoint ...)
 """
 
 from __future__ import annotations
@@ -107,26 +107,84 @@ def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequenc
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    from zoo.pipelines.runner import load_datasets, load_model
-    from zoo.processor import MultimodalProcessor
-    from zoo.tokenizer import load_tokenizer
+def evaluate_outputs(recipe, model, processor, datasets, families, output: str) -> dict[str, dict]:
+    """A recipe output's held-out metrics per family: `{"<family>/<metric>": {value, command, dataset}}`.
 
+    Scores at most `recipe.eval.limit` scored-kind test samples per family (nothing if the recipe
+    has no `eval`), with the majority-answer baseline beside each metric, and the `zoo eval`
+    command that re-measures it.
+    """
+    if recipe.eval is None:
+        return {}
+    out = {}
+    for family in sorted(f for f in families if f in METRIC_OF_FAMILY):
+        keep = SCORED.get(family, lambda s: True)
+        test = [s for s in datasets.test[family] if keep(s)][: recipe.eval.limit]  # limit what is scored
+        r = evaluate(model, processor, test, family=family, train=datasets[family],
+                     max_new_tokens=recipe.eval.max_new_tokens)
+        command = (f"zoo eval RUN/{output} --family {family}"
+                   + (f" --limit {recipe.eval.limit}" if recipe.eval.limit else "")
+                   + f"  # RUN: the run directory of recipe {recipe.name} ($ZOO_HOME/runs/{recipe.name} for zoo build)")
+        dataset = f"{family} test split, {r['n']} samples"
+        out[f"{family}/{r['metric']}"] = {"value": r["value"], "command": command, "dataset": dataset}
+        out[f"{family}/majority_baseline"] = {"value": r["baseline"], "command": command, "dataset": dataset}
+    return out
+
+
+def find_run_data(checkpoint: Path) -> Path | None:
+    """The `data/` directory of the run a stage output sits in (`RUN/<stage>[/<family>]/model`), if any."""
+    for parent in Path(checkpoint).resolve().parents:
+        if (parent / "data").is_dir() and (parent / "tokenizer").is_dir():
+            return parent / "data"
+    return None
+
+
+def evaluate_checkpoint(checkpoint: Path, families: list[str], *, data_dir: Path | None = None, split: str = "test",
+                        limit: int | None = None, max_new_tokens: int = 12, progress: bool = True) -> list[dict]:
+    """Load a model directory and score it on each family's `split` (what `zoo eval` runs).
+
+    Args:
+        checkpoint: a model directory (`zoo.io.model_dir`), e.g. a recipe output or an installed card.
+        families: task families to score.
+        data_dir: the built data; default: the `data/` of the run the checkpoint sits in.
+        split: which split to score.
+        limit: score at most this many scored-kind samples per family.
+        max_new_tokens: greedy generation length.
+
+    Raises:
+        FileNotFoundError: no data directory given and none found beside the checkpoint.
+    """
+    from zoo.catalog.load import load_directory
+    from zoo.pipelines.datasets import load_datasets
+
+    data = Path(data_dir) if data_dir is not None else find_run_data(checkpoint)
+    if data is None:
+        raise FileNotFoundError(f"no data directory for {str(checkpoint)!r}: pass --data (the built data of its run, "
+                                "or `python -m zoo.pipelines.data build --out DIR`)")
+    model, processor, _ = load_directory(checkpoint)
+    unknown = sorted(set(families) - set(METRIC_OF_FAMILY))
+    if unknown:
+        raise ValueError(f"no metric for task family {unknown}; known: {sorted(METRIC_OF_FAMILY)}")
+    test = load_datasets(data, set(families), split)
+    train = load_datasets(data, set(families), "train")
+    results = []
+    for family in families:
+        keep = SCORED.get(family, lambda s: True)
+        samples = [s for s in test[family] if keep(s)][:limit]  # the limit counts scored samples
+        results.append(evaluate(model, processor, samples, family=family, train=train[family],
+                                max_new_tokens=max_new_tokens, progress=progress))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a stage output directory")
-    p.add_argument("--data", required=True, help="built data directory")
+    p.add_argument("--checkpoint", required=True, help="a model directory (stage output or installed card)")
+    p.add_argument("--data", help="built data directory (default: the data of the checkpoint's run)")
     p.add_argument("--family", action="append", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="score at most this many (scored-kind) samples")
     a = p.parse_args(argv)
-    model, _ = load_model(Path(a.checkpoint))
-    processor = MultimodalProcessor.from_model(model, load_tokenizer(Path(a.checkpoint) / "tokenizer"))
-    test = load_datasets(Path(a.data), set(a.family), a.split)
-    train = load_datasets(Path(a.data), set(a.family), "train")
-    for family in a.family:
-        keep = SCORED.get(family, lambda s: True)
-        samples = [s for s in test[family] if keep(s)][: a.limit]  # --limit counts scored samples
-        r = evaluate(model, processor, samples, family=family, train=train[family], progress=True)
+    for r in evaluate_checkpoint(Path(a.checkpoint), a.family, data_dir=a.data, split=a.split, limit=a.limit):
         print(json.dumps(r))
 
 
@@ -134,6 +192,6 @@ if __name__ == "__main__":
     import sys
 
     from zoo.cli import report_errors
-    from zoo.pipelines.run import USER_ERRORS
+    from zoo.pipelines.cli import ERRORS
 
-    sys.exit(report_errors("zoo.pipelines.eval", main, USER_ERRORS))
+    sys.exit(report_errors("zoo.pipelines.eval", main, ERRORS))

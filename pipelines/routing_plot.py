@@ -69,3 +69,13 @@ def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_stage_routing(model, processor, datasets: Mapping[str, Sequence], path: str | Path, title: str) -> None:
+    """After a stage: the per-layer expert load of each task family as `path` (PNG) and `.json`; nothing without MoE."""
+    import json
+
+    loads = expert_load_by_family(model, processor, datasets)
+    if loads:
+        plot_expert_load(loads, path, f"{title}: expert load by task family (dashed: uniform)")
+        Path(path).with_suffix(".json").write_text(json.dumps(loads, indent=1))

@@ -22,7 +22,9 @@ import torch
 from tqdm import tqdm
 
 from zoo.config import config_from_dict
-from zoo.pipelines.engine import Engine, NonFiniteError, OptimConfig
+from zoo.models.lm import IGNORE_INDEX
+from zoo.pipelines.engine import Engine, NonFiniteError
+from zoo.pipelines.optim import OptimConfig
 
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -83,7 +85,8 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 def _routing_metrics(routing) -> dict[str, Any]:
     return {
-        str(s.layer): {"load": [round(v, 6) for v in s.load.tolist()], "entropy": round(s.entropy.item(), 6)}
+        str(s.layer): {"load": [round(v, 6) for v in s.load.tolist()], "entropy": round(s.entropy.item(), 6),
+                       "experts_per_token": round(s.experts_per_token.item(), 4)}
         for s in routing or []
     }
 
@@ -174,12 +177,13 @@ def train(
                     )
                 engine.backward(out.loss)
                 result = engine.step()
-                for key in ("loss", "lm_loss", "aux_loss", "z_loss"):
-                    value = getattr(out, key, None)
+                values = {k: getattr(out, k, None) for k in ("loss", "lm_loss", "aux_loss")}
+                values.update({f"aux/{k}": v for k, v in (getattr(out, "aux_losses", None) or {}).items()})
+                for key, value in values.items():
                     if value is not None:
                         sums[key] = sums.get(key, 0.0) + value.detach().item() / accum
                 labels = batch.get("labels")
-                tokens += int((labels != -100).sum()) if labels is not None else 0
+                tokens += int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
             if result is None:
                 raise RuntimeError(f"{type(engine).__name__}.step() made no update at an accumulation boundary")
             loss_value = sums["loss"]

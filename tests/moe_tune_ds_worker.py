@@ -24,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from zoo import upcycle  # noqa: E402
-from zoo.pipelines.engine import OptimConfig  # noqa: E402
+from zoo.pipelines.optim import OptimConfig  # noqa: E402
 from zoo.pipelines.train import TrainConfig, train  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -35,7 +35,7 @@ def tiny_moe_tune_model():
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    model = upcycle(lm, num_experts=4, top_k=2)
+    model = upcycle(lm, num_experts=4, router_options={"top_k": 2})
     with torch.no_grad():  # break the copies' symmetry so each expert (and shard) is distinct
         for moe in model.moe_layers().values():
             moe.experts.gate_up_proj.add_(torch.randn_like(moe.experts.gate_up_proj) * 0.02)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
-from zoo.config import ModelConfig
-from zoo.model import build_model
-from zoo.registry import Registry, Version, parse_card
+from zoo.models import ModelConfig, build_model
+from zoo.catalog.cards import Catalog, Version, parse_card
+from zoo.pipelines.cli import make_full_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD_PATHS = sorted(p for p in (ROOT / "model_cards").glob("*.md") if p.name.lower() != "readme.md")
@@ -17,8 +18,8 @@ CARD_PATHS = sorted(p for p in (ROOT / "model_cards").glob("*.md") if p.name.low
 
 def test_the_zoo_has_cards_and_they_index_without_duplicates():
     assert CARD_PATHS, "model_cards/ holds no cards"
-    registry = Registry.from_dir(ROOT / "model_cards")
-    assert len(registry.names()) == len({parse_card(p).name for p in CARD_PATHS})
+    catalog = Catalog.from_dir(ROOT / "model_cards")
+    assert len(catalog.names()) == len({parse_card(p).name for p in CARD_PATHS})
 
 
 @pytest.mark.parametrize("path", CARD_PATHS, ids=[p.stem for p in CARD_PATHS])
@@ -29,6 +30,10 @@ def test_card(path):
     assert card.body.strip().startswith(f"# {card.name}"), "the prose starts with the model's name as its title"
     for m in card.metrics:
         assert m.command.strip()
+        for part in m.command.split("&&"):  # every command a card cites is a real `zoo` subcommand
+            argv = shlex.split(part)
+            assert argv[0] == "zoo", f"metric {m.name}: {part!r} is not a zoo command"
+            make_full_parser().parse_args(argv[1:])
     if isinstance(card.config, str):
         config_path = card.resolve_path(card.config)
         assert config_path.is_file(), f"config {card.config} does not exist"

@@ -12,18 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from zoo import upcycle
-from zoo.checkpoint import (
+from zoo.io.checkpoint import (
     CONFIG_NAME,
     MANIFEST_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     load_checkpoint,
-    load_moe_lm,
     save_checkpoint,
-    save_moe_lm,
     verify_checkpoint,
 )
+from zoo.io.moe_lm import load_moe_lm, save_moe_lm
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -96,13 +95,12 @@ def test_round_trip_is_bit_exact(tmp_path, max_shard_bytes):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: upcycle(_tiny_llama(tie_word_embeddings=True), num_experts=4, top_k=2),
+        lambda: upcycle(_tiny_llama(tie_word_embeddings=True), num_experts=4, router_options={"top_k": 2}),
         lambda: upcycle(
             AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
                                                          num_hidden_layers=2, num_attention_heads=4,
                                                          num_key_value_heads=2), dtype=torch.bfloat16),
-            num_experts=4, top_k=1, shared_expert_size=16, norm_topk_prob=False, layers=[1],
-        ),
+            num_experts=4, shared_expert_size=16, layers=[1], router_options={"top_k": 1, "norm_topk_prob": False}),
     ],
     ids=["llama-tied", "qwen2-bf16-shared-partial"],
 )
@@ -177,7 +175,7 @@ def test_missing_manifest_unlisted_file_and_future_version(sharded):
 
 
 def test_crash_mid_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    import zoo.checkpoint as ck
+    import zoo.io.checkpoint as ck
 
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
@@ -194,7 +192,7 @@ def test_overwrite_replaces_and_refuses_without_flag(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
         save_checkpoint(target, {"w": torch.ones(3)}, {"v": 2})
 
-    import zoo.checkpoint as ck
+    import zoo.io.checkpoint as ck
 
     monkeypatch.setattr(ck, "write_manifest", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError, match="crash"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from zoo import cli
-from zoo.checkpoint import save_checkpoint
-from zoo.cli import main
+from zoo.io.checkpoint import save_checkpoint
+from zoo.pipelines.cli import main
 
 
 @pytest.fixture

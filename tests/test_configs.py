@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.config import MoEConfig, ModelConfig
-from zoo.lm import MoECausalLM
-from zoo.model import build_model
+from zoo import MoEConfig, ModelConfig
+from zoo.models.lm import MoECausalLM
+from zoo.models import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.yaml"))
 TINY_PARAMS = 20_000_000
@@ -80,8 +80,16 @@ def test_unknown_keys_are_named_at_every_level():
     bad = {**base, "encoders": {"image": {**base["encoders"]["image"], "feature_layr": -2}}}
     with pytest.raises(ValueError, match=r"encoders\.image: EncoderConfig: unknown config key\(s\) \['feature_layr'\]"):
         ModelConfig.from_dict(bad)
-    with pytest.raises(ValueError, match=r"moe: MoEConfig: unknown config key\(s\) \['experts'\]"):
-        ModelConfig.from_dict({**base, "moe": {"experts": 4}})
+    with pytest.raises(ValueError, match=r"moe: MoEConfig: unknown config key\(s\) \['expert'\]"):
+        ModelConfig.from_dict({**base, "moe": {"expert": 4}})
+    with pytest.raises(ValueError, match=r"moe: MoEConfig: router 'topk': TopKOptions: unknown config key\(s\) \['topk'\]"):
+        ModelConfig.from_dict({**base, "moe": {"router_options": {"topk": 2}}})
+    with pytest.raises(ValueError, match=r"connectors\.image: connector 'mlp': unknown option\(s\) \['dept'\]; accepted options are \['depth'\]"):
+        ModelConfig.from_dict({**base, "connectors": {"image": {"kind": "mlp", "options": {"dept": 2}}}})
+    with pytest.raises(ValueError, match=r"adapters\[0\]: adapter 'lora': LoRAOptions: unknown config key\(s\) \['rank'\]"):
+        ModelConfig.from_dict({**base, "adapters": [{"kind": "lora", "options": {"rank": 4}}]})
+    with pytest.raises(ValueError, match=r"unknown encoder 'timmm'; registered encoders: \['open_clip', 'timm', 'whisper'\]"):
+        ModelConfig.from_dict({**base, "encoders": {"image": {**base["encoders"]["image"], "kind": "timmm"}}})
     with pytest.raises(ValueError, match=r"unknown modality \['video'\]"):
         ModelConfig.from_dict({**base, "encoders": {"video": base["encoders"]["image"]}})
     with pytest.raises(ValueError, match=r"every encoder needs a connector"):

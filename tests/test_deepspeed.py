@@ -21,7 +21,7 @@ from torch import nn
 
 from zoo.moe.experts import SwiGLUExperts
 from zoo.pipelines.deepspeed_engine import CONFIG_DIR, check_moe_param_groups, config_path, moe_param_groups, resolve_config
-from zoo.pipelines.engine import OptimConfig
+from zoo.pipelines.optim import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moe_tune_ds_worker import reference_run  # noqa: E402

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from zoo.config import ModelConfig
-from zoo.model import build_model
+from zoo.models import ModelConfig
+from zoo.models import build_model
 from zoo.pipelines.data.schema import Media, Sample
 from zoo.pipelines.eval import evaluate, exact_match, majority_baseline, normalize, token_f1
 from zoo.processor import MultimodalProcessor

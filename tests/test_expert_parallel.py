@@ -19,13 +19,15 @@ from torch import nn
 from zoo.moe.experts import SwiGLU, SwiGLUExperts
 from zoo.moe.expert_parallel import ExpertParallelSwiGLUExperts, is_expert_param, shard_experts, unshard_experts
 from zoo.moe.layer import SparseMoE
-from zoo.moe.router import ROUTERS, RouterOutput, build_router
+from zoo.moe.routers import ROUTERS, RouterOutput
 
 E, D, F_ = 4, 8, 12
 
 
 class FirstShardRouter(nn.Module):
     """Sends every token to experts 0 and 1 (both on rank 0): rank 1's shard receives nothing."""
+
+    default_loss_coefs = {}
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -38,13 +40,15 @@ class FirstShardRouter(nn.Module):
         indices = torch.tensor([0, 1]).expand(x.shape[0], 2)
         return RouterOutput(logits, weights, indices)
 
+    def aux_losses(self, output, mask=None):
+        return {}
+
 
 def _layers():
     """(name, builder) of every registered router, top-1 and top-2, plus the skewed router."""
     out = []
-    for name in sorted(ROUTERS):
-        for k in (1, 2):
-            out.append((f"{name}-top{k}", lambda name=name, k=k: build_router(name, D, E, k)))
+    for k in (1, 2):
+        out.append((f"topk-top{k}", lambda k=k: ROUTERS.build("topk", {"top_k": k}, hidden_size=D, num_experts=E)))
     out.append(("first-shard", lambda: FirstShardRouter(D)))
     return out
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from zoo import upcycle
-from zoo.checkpoint import verify_checkpoint
-from zoo.export import ExportError, export_hf, hf_target, to_hf
+from zoo.io.checkpoint import verify_checkpoint
+from zoo.io.export import ExportError, export_hf, hf_target, to_hf
 from zoo.moe.experts import SwiGLUExperts
 
 _SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -42,16 +42,16 @@ def _moe(config_cls, seed: int, lm_kw: dict | None = None, **moe_kw):
 
 CASES = {
     # Mistral base with a sliding window shorter than the probe: every layer MoE, renormalized top-2.
-    "mixtral-from-mistral": (lambda: _moe(MistralConfig, 0, {"sliding_window": 5}, num_experts=4, top_k=2), "mixtral"),
+    "mixtral-from-mistral": (lambda: _moe(MistralConfig, 0, {"sliding_window": 5}, num_experts=4, router_options={"top_k": 2}), "mixtral"),
     "mixtral-from-llama-tied": (
-        lambda: _moe(LlamaConfig, 1, {"tie_word_embeddings": True}, num_experts=4, top_k=2), "mixtral"),
+        lambda: _moe(LlamaConfig, 1, {"tie_word_embeddings": True}, num_experts=4, router_options={"top_k": 2}), "mixtral"),
     # Qwen2 base (q/k/v biases), shared expert, no renormalization, MoE only in layer 1.
     "qwen2moe-shared-partial": (
-        lambda: _moe(Qwen2Config, 2, None, num_experts=4, top_k=2, shared_expert_size=24, norm_topk_prob=False,
-                     layers=[1]), "qwen2_moe"),
+        lambda: _moe(Qwen2Config, 2, None, num_experts=4, shared_expert_size=24,
+                     layers=[1], router_options={"top_k": 2, "norm_topk_prob": False}), "qwen2_moe"),
     # Llama base, MoE in every other layer, no shared expert: a zero-width shared expert.
     "qwen2moe-from-llama-sparse": (
-        lambda: _moe(LlamaConfig, 3, None, num_experts=4, top_k=1, layers="every_other"), "qwen2_moe"),
+        lambda: _moe(LlamaConfig, 3, None, num_experts=4, layers="every_other", router_options={"top_k": 1}), "qwen2_moe"),
 }
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -130,16 +130,16 @@ def test_plain_transformers_subprocess_without_zoo(exported, tmp_path):
 
 
 def test_refuses_what_neither_class_represents():
-    biased = _moe(LlamaConfig, 4, {"attention_bias": True}, num_experts=4, top_k=2)
+    biased = _moe(LlamaConfig, 4, {"attention_bias": True}, num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ExportError, match=r"neither MixtralForCausalLM nor Qwen2MoeForCausalLM.*o_proj has no bias"):
         hf_target(biased)
 
-    partial = _moe(LlamaConfig, 5, None, num_experts=4, top_k=2, layers=[1])
+    partial = _moe(LlamaConfig, 5, None, num_experts=4, layers=[1], router_options={"top_k": 2})
     with pytest.raises(ExportError, match=r"cannot export as mixtral: Mixtral needs every layer MoE; layers \[0\] are dense"):
         to_hf(partial, "mixtral")
     assert hf_target(partial) == "qwen2_moe"
 
-    ungated = _moe(Qwen2Config, 6, None, num_experts=4, top_k=2, shared_expert_size=16)
+    ungated = _moe(Qwen2Config, 6, None, num_experts=4, shared_expert_size=16, router_options={"top_k": 2})
     for moe in ungated.moe_layers().values():
         moe.shared_expert_gate = None
     with pytest.raises(ExportError, match=r"mixtral: .*no shared expert.*qwen2_moe: .*has no gate"):
@@ -148,7 +148,7 @@ def test_refuses_what_neither_class_represents():
     class OtherExperts(SwiGLUExperts):
         pass
 
-    other = _moe(LlamaConfig, 7, None, num_experts=4, top_k=2)
+    other = _moe(LlamaConfig, 7, None, num_experts=4, router_options={"top_k": 2})
     moe = other.moe_layers()[0]
     replacement = OtherExperts(4, 32, 48)
     replacement.load_state_dict(moe.experts.state_dict())
@@ -158,13 +158,14 @@ def test_refuses_what_neither_class_represents():
 
 
 def test_parity_check_catches_a_wrong_mapping(tmp_path, monkeypatch):
-    import zoo.export as ex
+    import zoo.io.export.targets as targets
 
     model = CASES["mixtral-from-llama-tied"][0]()
-    real = ex._rename
+    real = targets._moe_keys
     # A mapping bug that still loads: expert weights land in the wrong layer.
-    monkeypatch.setattr(ex, "_rename", lambda k: real(k.replace("layers.0.mlp.moe.experts", "layers.X").replace(
-        "layers.1.mlp.moe.experts", "layers.0.mlp.moe.experts").replace("layers.X", "layers.1.mlp.moe.experts")))
+    swap = lambda k: k.replace("layers.0.mlp.experts", "layers.X").replace(  # noqa: E731
+        "layers.1.mlp.experts", "layers.0.mlp.experts").replace("layers.X", "layers.1.mlp.experts")
+    monkeypatch.setattr(targets, "_moe_keys", lambda m: {swap(k): v for k, v in real(m).items()})
     with pytest.raises(ExportError, match="disagrees with the zoo model: max \\|logit diff\\|"):
         export_hf(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.config import ModelConfig
-from zoo.model import build_model
+from zoo.models import ModelConfig
+from zoo.models import build_model
 from zoo.pipelines.collate import collate, frozen_encoder_caches
 from zoo.pipelines.data.audio import encode_wav
 from zoo.pipelines.data.schema import Media, Sample

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from zoo import hub
-from zoo.hub import DownloadError, HubError, IntegrityError, download, parse_hf_uri, resolve
+from zoo.io import hub
+from zoo.io.hub import DownloadError, HubError, IntegrityError, download, parse_hf_uri, resolve
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not a multiple of the read size
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -20,16 +20,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# name: (T, k, E, d, f, skew, dy). Every case leaves expert E // 2 without tokens. Interpreter
-# tiles (kernels/triton): rows 16, columns 32, K 32; weight-grad 64 x 64 over 16-row chunks.
+# name: (T, k, E, d, f, skew, dy, empty). Every case leaves expert E // 2 without tokens; `empty`
+# is the fraction of slots left empty (index -1, weight 0), and with it the first token has no
+# expert at all. Interpreter tiles (kernels/triton): rows 16, columns 32, K 32; weight-grad 64 x 64
+# over 16-row chunks.
 CASES = {
-    "k1": (19, 1, 4, 33, 40, 0.0, "random"),
-    "k2": (23, 2, 5, 33, 24, 0.0, "random"),
-    "k3": (17, 3, 6, 40, 20, 0.0, "random"),
-    "k2_skewed_multi_tile": (40, 2, 3, 24, 48, 4.0, "random"),  # expert 0 spans several row tiles
-    "k2_dy_zero_stride": (12, 2, 4, 17, 36, 0.0, "ones"),  # y.sum(): dy is an expanded view
-    "k2_wide_odd": (9, 2, 4, 97, 72, 0.0, "random"),  # several K steps and f-tiles
-    "one_token_k3": (1, 3, 4, 16, 16, 0.0, "random"),
+    "k1": (19, 1, 4, 33, 40, 0.0, "random", 0.0),
+    "k2": (23, 2, 5, 33, 24, 0.0, "random", 0.0),
+    "k3": (17, 3, 6, 40, 20, 0.0, "random", 0.0),
+    "k2_skewed_multi_tile": (40, 2, 3, 24, 48, 4.0, "random", 0.0),  # expert 0 spans several row tiles
+    "k2_dy_zero_stride": (12, 2, 4, 17, 36, 0.0, "ones", 0.0),  # y.sum(): dy is an expanded view
+    "k2_wide_odd": (9, 2, 4, 97, 72, 0.0, "random", 0.0),  # several K steps and f-tiles
+    "one_token_k3": (1, 3, 4, 16, 16, 0.0, "random", 0.0),
+    "k3_empty_slots": (21, 3, 4, 33, 40, 0.0, "random", 0.4),  # variable experts per token
+    "k2_mostly_empty_multi_tile": (40, 2, 3, 24, 48, 4.0, "random", 0.7),
 }
 DTYPES = ("float32", "float16")
 TENSORS = ("y", "x", "weights", "gate_up", "down")
@@ -38,12 +42,16 @@ TENSORS = ("y", "x", "weights", "gate_up", "down")
 RTOL = {"float32": 2e-6, "float16": 2e-3}
 
 
-def _inputs(T, k, E, d, f, skew, dtype, seed=0):
+def _inputs(T, k, E, d, f, skew, dtype, seed=0, empty=0.0):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(T, E, generator=gen)
     logits[:, 0] += skew
     logits[:, E // 2] = -float("inf")  # an expert that gets no tokens
     probs, indices = logits.softmax(-1).topk(k, dim=-1)
+    if empty:
+        drop = torch.rand(T, k, generator=gen) < empty
+        drop[0] = True  # a token with no expert
+        probs, indices = probs.masked_fill(drop, 0.0), indices.masked_fill(drop, -1)
     x = torch.randn(T, d, generator=gen)
     gate_up = torch.randn(E, 2 * f, d, generator=gen) / d**0.5
     down = torch.randn(E, d, f, generator=gen) / f**0.5
@@ -63,18 +71,19 @@ def _worker() -> None:
     from zoo.kernels import ops, reference, sort_by_expert
     from zoo.kernels.triton import route
 
-    for name, (T, k, E, d, f, skew, dy) in CASES.items():
-        x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, torch.float32)
+    for name, (T, k, E, d, f, skew, dy, empty) in CASES.items():
+        x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, torch.float32, empty=empty)
         r = route(idx.long(), E)
         order, counts = sort_by_expert(idx.long(), E)
-        ok = torch.equal(r.order, order) and torch.equal(r.counts.long(), counts)
-        ok = ok and torch.equal(r.token_of.long(), order // k)
+        filled = len(order)  # the kernels' routing keeps empty slots after every expert's rows
+        ok = torch.equal(r.order[:filled], order) and torch.equal(r.counts.long(), counts)
+        ok = ok and torch.equal(r.token_of[:filled].long(), order // k) and filled == int((idx >= 0).sum())
         print(json.dumps({"kind": "routing", "case": name, "ok": bool(ok)}), flush=True)
 
-    for name, (T, k, E, d, f, skew, dy) in CASES.items():
+    for name, (T, k, E, d, f, skew, dy, empty) in CASES.items():
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
-            x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, dtype)
+            x, w, idx, gu, dn, g = _inputs(T, k, E, d, f, skew, dtype, empty=empty)
             idx = idx.long()
             args64 = [t.double() for t in (x, w)] + [idx] + [t.double() for t in (gu, dn, g)]
             truth = _run(reference.moe_swiglu, *args64, dy)
@@ -89,8 +98,12 @@ def _worker() -> None:
                     "err_reference": (tr.double() - t64).abs().max().item(),
                     "scale": t64.abs().max().item(),
                 }
-            # The expert without tokens must get exactly zero weight gradients.
+            # The expert without tokens must get exactly zero weight gradients; a token with no
+            # expert gets exactly 0 output, and empty slots exactly 0 weight gradient.
             record["empty_expert_grad"] = max(tri[3][E // 2].abs().max().item(), tri[4][E // 2].abs().max().item())
+            none = (idx < 0).all(dim=1)
+            record["no_expert_output"] = tri[0][none].abs().max().item() if none.any() else 0.0
+            record["empty_slot_weight_grad"] = tri[2][idx < 0].abs().max().item() if (idx < 0).any() else 0.0
             print(json.dumps(record), flush=True)
 
 
@@ -122,6 +135,7 @@ def test_triton_matches_reference_outputs_and_all_gradients(worker_records, case
     assert record["backend"] == "triton"  # the dispatcher really ran the kernels
     assert not bad, f"{case} {dtype}: {bad}"
     assert record["empty_expert_grad"] == 0.0
+    assert record["no_expert_output"] == 0.0 and record["empty_slot_weight_grad"] == 0.0
 
 
 def test_dispatch_defaults_to_reference_on_cpu_and_validates_the_override(monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.checkpoint import load_checkpoint
+from zoo.io.checkpoint import load_checkpoint
 from zoo.pipelines.runner import load_model, run_recipe
 from zoo.pipelines.stages import RecipeConfig
 

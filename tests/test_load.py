@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zoo
-from zoo.checkpoint import CheckpointError, verify_checkpoint
-from zoo.cli import main
-from zoo.hub import IntegrityError
-from zoo.loading import NotBuiltError, install_dir, read_card, set_card_metrics
-from zoo.registry import RegistryError, get_card
+from zoo.io.checkpoint import CheckpointError, verify_checkpoint
+from zoo.pipelines.cli import main
+from zoo.io.hub import IntegrityError
+from zoo.catalog.install import NotBuiltError, install_dir, read_card, set_card_metrics
+from zoo.catalog.cards import CatalogError, get_card
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "configs" / "recipes" / "micro.yaml"
@@ -113,11 +113,11 @@ def test_load_round_trip_equals_the_recipe_output(built):
 
 
 def test_registry_errors_and_not_built(built, capsys):
-    with pytest.raises(RegistryError, match=r"unknown model 'micro-vq'.*did you mean \['micro-vqa'"):
+    with pytest.raises(CatalogError, match=r"unknown model 'micro-vq'.*did you mean \['micro-vqa'"):
         zoo.load("micro-vq")
-    with pytest.raises(RegistryError, match=r"no version of 'micro-vqa' satisfies version '\^2.0'; available: 1.0.0, 1.1.0"):
+    with pytest.raises(CatalogError, match=r"no version of 'micro-vqa' satisfies version '\^2.0'; available: 1.0.0, 1.1.0"):
         zoo.load("micro-vqa", "^2.0")
-    with pytest.raises(NotBuiltError, match=r"micro-other@1.0.0 is not built yet.*\n    zoo build micro-other@1.0.0\n"):
+    with pytest.raises(NotBuiltError, match=r"micro-other@1.0.0 is not built yet.*; build it with `zoo build micro-other@1.0.0`"):
         zoo.load("micro-other")
     assert main(["load", "micro-other"]) == 1
     err = capsys.readouterr().err
@@ -208,7 +208,7 @@ def test_archive_uri_unpacks_atomically_and_refuses_bad_archives(built, tmp_path
     finally:
         server.shutdown()
     verify_checkpoint(target / "1.0.0")
-    from zoo.loading import load_directory
+    from zoo.catalog import load_directory
 
     ref, processor, _ = load_directory(good_dir)
     batch = _batch(processor)
@@ -278,3 +278,53 @@ def test_export_hf_loads_in_plain_transformers(built, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "LlavaForConditionalGeneration" in err and "timm tower" in err and "--format hf" in err
     assert not (tmp_path / "llava").exists()
+
+
+def test_zoo_eval_scores_a_card_and_every_command_names_its_error(built, tmp_path, capsys):
+    """`zoo eval` on a built card; then one bad input per error class the commands can raise."""
+    import json
+    import shutil
+
+    from zoo.pipelines.data.shards import shard_paths
+
+    assert main(["eval", "micro-vqa", "--family", "vqa", "--limit", "2", "--quiet"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert (result["family"], result["metric"], result["n"]) == ("vqa", "exact_match", 2)
+    run = Path(built[0]["ZOO_HOME"]) / "runs" / "micro"
+    assert main(["eval", str(run / "lora" / "vqa" / "model"), "--family", "vqa", "--limit", "1", "--quiet"]) == 0
+    capsys.readouterr()
+
+    data = tmp_path / "data"
+    shutil.copytree(run / "data", data)
+    shard = shard_paths(data / "vqa", "test")[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text(MICRO.read_text().replace("../models/micro-zoo.yaml", str(ROOT / "configs/models/micro-zoo.yaml"))
+                          .replace("batch_size: 4, train: {steps: 3", "batchsize: 4, train: {steps: 3"))
+    nan_recipe = tmp_path / "nan.yaml"
+    nan_recipe.write_text(f"name: nan\nmodel: {ROOT / 'configs/models/micro-zoo.yaml'}\ntokenizer_vocab: 512\nstages:\n"
+                          "  - {name: p, kind: pretrain-lm, data: {corpus: 1.0}, batch_size: 2,\n"
+                          "     train: {steps: 3, optim: {lr: 1.0e+30, grad_clip: 0}}}\n")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run / "lora" / "vqa" / "model", corrupt)
+    (corrupt / "config.json").write_text("{}\n")
+    cases = [
+        (["eval", "micro-nothing", "--family", "vqa"], "unknown model 'micro-nothing'"),  # CatalogError
+        (["eval", str(corrupt), "--family", "vqa", "--data", str(run / "data")], "file 'config.json' has"),  # CheckpointError
+        (["eval", str(corrupt), "--family", "vqa"], "no data directory for"),  # FileNotFoundError
+        (["eval", "micro-vqa", "--family", "poetry"], "no metric for task family ['poetry']"),  # ValueError
+        (["eval", str(run / "lora" / "vqa" / "model"), "--family", "vqa", "--data", str(data)], shard.name),  # CorruptShardError
+        (["eval", "micro-other", "--family", "vqa"], "micro-other@1.0.0 is not built yet"),  # NotBuiltError
+        (["train", str(tmp_path / "absent.yaml")], "recipe"),  # FileNotFoundError
+        (["train", "no-such-recipe"], "no shipped recipes config 'no-such-recipe'; shipped: ['micro', 'tiny-zoo']"),
+        (["train", str(bad_recipe), "--out", str(tmp_path / "r1")], "StageConfig: unknown config key(s) ['batchsize']"),
+        (["train", str(nan_recipe), "--out", str(tmp_path / "r2"), "--data-dir", str(run / "data")], "loss is nan"),  # NonFiniteError
+        (["train", "micro", "--stage", "polish", "--out", str(tmp_path / "r3")], "has no stage 'polish'"),
+        (["export", "micro-vqa", "--format", "llava", "--out", str(tmp_path / "x")], "cannot export as LlavaForConditionalGeneration"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after any progress bar
+        assert last.startswith("zoo: error: ") and message in last and "Traceback" not in err, (argv, err)

@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from zoo import upcycle
-from zoo.lm import MoEBlock, MoECausalLM, decoder_layers
-from zoo.lora import (
+from zoo.models.lm import MoEBlock, MoECausalLM, decoder_layers
+from zoo.transforms.adapters import (
     LoRALinear,
     LoRAMoEExperts,
     MixLoRAExperts,
@@ -56,7 +56,7 @@ def test_one_expert_top1_mixlora_with_attention_lora_equals_peft():
     ids, mask = batch()
     base_logits = logits(base, ids, mask)
     ref = copy.deepcopy(base)
-    model = apply_mixlora(base, num_experts=1, top_k=1, r=4, alpha=8, attention_lora=True)
+    model = apply_mixlora(base, num_experts=1, r=4, alpha=8, attention_lora=True, router_options={"top_k": 1})
     randomize_lora(model)
     peft = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=FFN + ATTN))
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_zero_lora_b_leaves_the_base_model_unchanged(kind):
     ids, mask = batch()
     ref = logits(base, ids, mask)
     if kind == "mixlora":
-        model = apply_mixlora(base, num_experts=4, top_k=2, r=4, alpha=8)
+        model = apply_mixlora(base, num_experts=4, r=4, alpha=8, router_options={"top_k": 2})
     else:
         model = apply_loramoe(base, num_experts=4, r=4, alpha=8, attention_lora=True)
     assert len(model.moe_layers()) == TINY["num_hidden_layers"]
@@ -101,7 +101,7 @@ def test_zero_lora_b_leaves_the_base_model_unchanged(kind):
 
 
 def test_only_lora_and_router_train_and_base_stays_bit_identical():
-    model = apply_mixlora(dense_lm(), num_experts=4, top_k=2, r=4, alpha=8).train()
+    model = apply_mixlora(dense_lm(), num_experts=4, r=4, alpha=8, router_options={"top_k": 2}).train()
     randomize_lora(model, std=0.05)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".mlp.moe.router." in n for n in trainable)
@@ -121,15 +121,16 @@ def test_only_lora_and_router_train_and_base_stays_bit_identical():
 
 
 def test_balance_loss_is_in_the_loss_and_matches_the_pure_function():
-    model = apply_mixlora(dense_lm(), num_experts=4, top_k=2, r=4, alpha=8, aux_loss_coef=0.1)
+    model = apply_mixlora(dense_lm(), num_experts=4, r=4, alpha=8, router_options={"top_k": 2}, loss_coefs={"balance": 0.1})
     ids, mask = batch()
     with capture_routing(model.lm) as records:
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
     assert [r.layer for r in records] == [0, 1]
     assert all(r.output.indices.shape == (ids.numel(), 2) for r in records)
     expected = torch.stack([load_balancing_loss(r.output.logits, 2, mask) for r in records]).mean()
-    torch.testing.assert_close(out.aux_loss, expected)
+    torch.testing.assert_close(out.aux_losses["balance"], expected)
     assert out.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, 0.1 * expected)  # the z-loss keeps the router's default weight 0
     torch.testing.assert_close(out.loss, out.lm_loss + 0.1 * expected)
     grad = torch.autograd.grad(out.aux_loss, decoder_layers(model.lm)[0].mlp.moe.router.weight)[0]
     assert grad.abs().sum() > 0  # the balance loss trains the router
@@ -138,7 +139,7 @@ def test_balance_loss_is_in_the_loss_and_matches_the_pure_function():
 def test_attention_lora_merge_unmerge_and_unload_keep_the_logits():
     base = dense_lm()
     q_before = decoder_layers(base)[0].self_attn.q_proj.weight.detach().clone()
-    model = apply_mixlora(base, num_experts=2, top_k=1, r=4, alpha=8)
+    model = apply_mixlora(base, num_experts=2, r=4, alpha=8, router_options={"top_k": 1})
     randomize_lora(model)
     ids, mask = batch()
     ref = logits(model, ids, mask)
@@ -157,26 +158,34 @@ def test_attention_lora_merge_unmerge_and_unload_keep_the_logits():
 
 
 def test_mixlora_saves_and_loads_through_state_dict():
-    model = apply_mixlora(dense_lm(), num_experts=4, top_k=2, r=4, alpha=8)
+    model = apply_mixlora(dense_lm(), num_experts=4, r=4, alpha=8, router_options={"top_k": 2})
     randomize_lora(model)
     ids, mask = batch()
-    fresh = apply_mixlora(dense_lm(), num_experts=4, top_k=2, r=4, alpha=8)  # other base init, other LoRA init
+    fresh = apply_mixlora(dense_lm(), num_experts=4, r=4, alpha=8, router_options={"top_k": 2})  # other base init, other LoRA init
     assert not torch.allclose(logits(fresh, ids, mask), logits(model, ids, mask))
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(logits(fresh, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
 
 
 def test_mixlora_on_an_upcycled_model_adapts_only_its_dense_layers():
-    moe_lm = upcycle(dense_lm(), num_experts=4, top_k=2, layers=[1])
-    model = apply_mixlora(moe_lm, num_experts=4, top_k=2, r=4, alpha=8)
+    moe_lm = upcycle(dense_lm(), num_experts=4, layers=[1], router_options={"top_k": 2})
+    model = apply_mixlora(moe_lm, num_experts=4, r=4, alpha=8, router_options={"top_k": 2})
     assert model is moe_lm
     layers = decoder_layers(model.lm)
     assert isinstance(layers[0].mlp.moe.experts, MixLoRAExperts)
     assert not layers[1].mlp.moe.experts.gate_up_proj.requires_grad  # upcycled experts are frozen base weights
     with pytest.raises(ValueError, match="already a sparse MoE layer"):
-        apply_mixlora(upcycle(dense_lm(), num_experts=4, top_k=2), num_experts=4, top_k=2, r=4, alpha=8, layers="all")
-    with pytest.raises(ValueError, match="top_k=2"):
-        apply_mixlora(upcycle(dense_lm(), num_experts=4, top_k=2, layers=[1]), num_experts=4, top_k=1, r=4, alpha=8)
+        apply_mixlora(upcycle(dense_lm(), num_experts=4, router_options={"top_k": 2}), num_experts=4, r=4, alpha=8, layers="all", router_options={"top_k": 2})
+    # Routers own their losses: LoRA experts with another k on an upcycled model each use their own k.
+    mixed = apply_mixlora(upcycle(dense_lm(), num_experts=4, layers=[1], router_options={"top_k": 2}), num_experts=4,
+                          r=4, alpha=8, router_options={"top_k": 1})
+    ids, mask = batch()
+    with capture_routing(mixed.lm) as records:
+        out = mixed(input_ids=ids, attention_mask=mask, labels=ids)
+    ks = {r.layer: r.output.indices.shape[1] for r in records}
+    assert ks == {0: 1, 1: 2}
+    expected = torch.stack([load_balancing_loss(r.output.logits, ks[r.layer], mask) for r in records]).mean()
+    torch.testing.assert_close(out.aux_losses["balance"], expected)
 
 
 def test_loramoe_is_soft_routed_and_matches_its_formula():
@@ -200,16 +209,16 @@ def test_loramoe_is_soft_routed_and_matches_its_formula():
 def test_errors_name_the_cause():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32))
     with pytest.raises(ValueError, match="gate_proj/up_proj/down_proj"):
-        apply_mixlora(gpt2, num_experts=2, top_k=1, r=4, alpha=8, attention_lora=False)
+        apply_mixlora(gpt2, num_experts=2, r=4, alpha=8, attention_lora=False, router_options={"top_k": 1})
     with pytest.raises(ValueError, match="no nn.Linear named"):
-        apply_mixlora(dense_lm(), num_experts=2, top_k=1, r=4, alpha=8, attention_targets=["qkv"])
+        apply_mixlora(dense_lm(), num_experts=2, r=4, alpha=8, target_modules=["qkv"], router_options={"top_k": 1})
     with pytest.raises(ValueError, match="top_k=3 must be between 1 and num_experts=2"):
-        apply_mixlora(dense_lm(), num_experts=2, top_k=3, r=4, alpha=8)
+        apply_mixlora(dense_lm(), num_experts=2, r=4, alpha=8, router_options={"top_k": 3})
     with pytest.raises(ValueError, match="rank r must be >= 1"):
-        apply_mixlora(dense_lm(), num_experts=2, top_k=1, r=0, alpha=8)
+        apply_mixlora(dense_lm(), num_experts=2, r=0, alpha=8, router_options={"top_k": 1})
     with pytest.raises(ValueError, match="has no LoRALinear"):
-        merge_lora(apply_mixlora(dense_lm(), num_experts=2, top_k=1, r=4, alpha=8, attention_lora=False))
+        merge_lora(apply_mixlora(dense_lm(), num_experts=2, r=4, alpha=8, attention_lora=False, router_options={"top_k": 1}))
     lin = LoRALinear(torch.nn.Linear(4, 4), r=2, alpha=2)
     with pytest.raises(RuntimeError, match="not merged"):
         lin.unmerge()
-    assert isinstance(apply_mixlora(dense_lm(), num_experts=2, top_k=1, r=4, alpha=8), MoECausalLM)
+    assert isinstance(apply_mixlora(dense_lm(), num_experts=2, r=4, alpha=8, router_options={"top_k": 1}), MoECausalLM)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.config import ModelConfig
-from zoo.lm import MoECausalLM
-from zoo.model import IGNORE_INDEX, build_model
+from zoo.models import ModelConfig
+from zoo.models.lm import MoECausalLM
+from zoo.models import IGNORE_INDEX, build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 IMG, AUD = 3, 4
@@ -98,8 +98,9 @@ def test_frozen_encoders_get_no_gradient_and_the_rest_does():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.hf_model.get_input_embeddings().weight.grad is not None
     # The loss adds the LM's MoE aux loss and the MoE connector's balance loss.
-    coef = model.language_model.moe_config.aux_loss_coef
-    expected = out.lm_loss + coef * out.aux_loss + model.connector_aux_coef * out.connector_aux_loss
+    coef = model.language_model.moe_config.loss_coef("balance")
+    torch.testing.assert_close(out.aux_loss, coef * out.aux_losses["balance"] + 0.0 * out.aux_losses["z"])
+    expected = out.lm_loss + coef * out.aux_losses["balance"] + model.connector_aux_coef * out.connector_aux_loss
     torch.testing.assert_close(out.loss, expected)
     assert out.connector_aux_loss > 0 and len(out.routing) == 2
 

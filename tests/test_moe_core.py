@@ -15,7 +15,7 @@ from zoo.moe import (
     SwiGLU,
     SwiGLUExperts,
     TopKRouter,
-    build_router,
+    ROUTERS,
     build_sparse_moe,
     load_balancing_loss,
     load_fraction,
@@ -55,7 +55,7 @@ def _mixtral_pair(top_k=2, jitter=0.0):
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(std=0.2)
-    ours = build_sparse_moe(MoEConfig(num_experts=E, top_k=top_k), D, F_)
+    ours = build_sparse_moe(MoEConfig(num_experts=E, router_options={"top_k": top_k}), D, F_)
     with torch.no_grad():
         ours.router.weight.copy_(hf.gate.weight)
         ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
@@ -90,7 +90,7 @@ def test_parity_with_transformers_qwen2_moe_block_with_shared_expert(norm_topk_p
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(std=0.2)
-    ours = build_sparse_moe(MoEConfig(num_experts=E, top_k=2, norm_topk_prob=norm_topk_prob, shared_expert_size=40), D, F_)
+    ours = build_sparse_moe(MoEConfig(num_experts=E, shared_expert_size=40, router_options={"top_k": 2, "norm_topk_prob": norm_topk_prob}), D, F_)
     with torch.no_grad():
         ours.router.weight.copy_(hf.gate.weight)
         ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
@@ -173,7 +173,7 @@ def test_z_loss_entropy_and_load_against_float64():
 
 
 def test_every_parameter_gets_a_gradient():
-    moe = build_sparse_moe(MoEConfig(num_experts=E, top_k=2, shared_expert_size=16), D, F_)
+    moe = build_sparse_moe(MoEConfig(num_experts=E, shared_expert_size=16, router_options={"top_k": 2}), D, F_)
     y, routing = moe(torch.randn(64, D))
     (y.square().mean() + load_balancing_loss(routing.logits, 2) + router_z_loss(routing.logits)).backward()
     for name, p in moe.named_parameters():
@@ -181,21 +181,25 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_empty_input_gives_empty_output():
-    moe = build_sparse_moe(MoEConfig(num_experts=E, top_k=2), D, F_)
+    moe = build_sparse_moe(MoEConfig(num_experts=E, router_options={"top_k": 2}), D, F_)
     y, routing = moe(torch.randn(0, D))
     assert y.shape == (0, D) and routing.indices.shape == (0, 2)
 
 
 def test_bad_input_errors_name_the_cause():
-    moe = build_sparse_moe(MoEConfig(num_experts=E, top_k=2), D, F_)
+    moe = build_sparse_moe(MoEConfig(num_experts=E, router_options={"top_k": 2}), D, F_)
     with pytest.raises(ValueError, match="hidden size 16 but the layer was built for 32"):
         moe(torch.randn(2, 16))
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
-        MoEConfig(num_experts=4, top_k=5)
+        MoEConfig(num_experts=4, router_options={"top_k": 5})
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
         TopKRouter(D, 4, 5)
-    with pytest.raises(ValueError, match=r"unknown router 'topp'; registered routers: \['topk'\]"):
-        build_router("topp", D, 4, 2)
+    with pytest.raises(ValueError, match=r"unknown router 'topq'; registered routers: \[.*'topk'.*\]"):
+        ROUTERS.build("topq", {"top_k": 2}, hidden_size=D, num_experts=4)
+    with pytest.raises(ValueError, match=r"router 'topk': TopKOptions: unknown config key\(s\) \['k'\]"):
+        MoEConfig(router_options={"k": 2})
+    with pytest.raises(ValueError, match=r"router 'topk' has no loss\(es\) \['balanse'\]; its losses are \['balance', 'z'\]"):
+        MoEConfig(loss_coefs={"balanse": 0.01})
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['num_expert'\]"):
         MoEConfig.from_dict({"num_expert": 4})
     with pytest.raises(ValueError, match="layers='odd' is not one of"):
@@ -207,5 +211,5 @@ def test_bad_input_errors_name_the_cause():
 
 
 def test_config_round_trips_through_dict():
-    cfg = MoEConfig(num_experts=8, top_k=2, layers=[1, 3], shared_expert_size=64)
+    cfg = MoEConfig(num_experts=8, layers=[1, 3], shared_expert_size=64, router_options={"top_k": 2})
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg

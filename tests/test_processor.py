@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.config import ModelConfig
-from zoo.model import build_model
+from zoo.models import ModelConfig
+from zoo.models import build_model
 from zoo.processor import MultimodalProcessor
 from zoo.tokenizer import SPECIAL_TOKENS, build_corpus, train_tokenizer
 

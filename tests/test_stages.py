@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.checkpoint import load_checkpoint
+from zoo.io.checkpoint import load_checkpoint
 from zoo.pipelines.data.shards import shard_paths
 from zoo.pipelines.runner import load_model, run_recipe
 from zoo.pipelines.stages import RecipeConfig, StageConfig
@@ -44,8 +44,9 @@ def test_frozen_parameters_are_bit_identical_to_the_previous_stage(micro_run):
         if stage.kind == "moe-tune":  # upcycling wraps the LM: language_model.X -> language_model.lm.X
             before = {k.replace("language_model.", "language_model.lm.", 1): v for k, v in before.items()}
         trained = changed = 0
+        patterns = stage.trains or stage.stage().default_trains
         for name, tensor in after.items():
-            if any(fnmatch.fnmatchcase(name, p) for p in stage.trains):
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 trained += 1
                 changed += not torch.equal(tensor, before.get(name, torch.empty(0)))
             else:
@@ -114,10 +115,16 @@ def test_corrupt_shard_error_names_the_shard(micro_run, tmp_path):
 
 
 def test_recipe_and_stage_errors_name_the_cause():
-    with pytest.raises(ValueError, match="kind 'moe' is not one of"):
+    with pytest.raises(ValueError, match=r"stage 'x': unknown stage kind 'moe'; registered stage kinds: \[.*'moe-tune'"):
         StageConfig(name="x", kind="moe", data={"vqa": 1})
-    with pytest.raises(ValueError, match="needs `upcycle:`"):
+    with pytest.raises(ValueError, match="needs `options.moe`"):
         StageConfig(name="x", kind="moe-tune", data={"vqa": 1})
+    with pytest.raises(ValueError, match=r"stage 'x': stage kind 'lora': LoRAStageOptions: unknown config key\(s\) \['r'\]"):
+        StageConfig(name="x", kind="lora", data={"vqa": 1}, options={"r": 4})
+    with pytest.raises(ValueError, match=r"adapter 'lora': LoRAOptions: unknown config key\(s\) \['rank'\]"):
+        StageConfig(name="x", kind="lora", data={"vqa": 1}, options={"adapter_options": {"rank": 4}})
+    with pytest.raises(ValueError, match=r"unknown adapter 'lora2'"):
+        StageConfig(name="x", kind="lora", data={"vqa": 1}, options={"adapter": "lora2"})
     recipe = RecipeConfig.load(RECIPE)
     with pytest.raises(ValueError, match="has no stage 'finetune'"):
         recipe.stage("finetune")
@@ -141,7 +148,7 @@ def test_mixlora_output_reloads_with_its_lora_experts_over_the_frozen_ffn(micro_
             assert any(torch.equal(v, mix[m]) for m in match), k
     model, cfg = load_model(outputs["mixlora-text"])  # strict: rebuilds the LoRA experts first
     assert any(n.endswith("gate_lora_A") for n, _ in model.named_parameters())
-    from zoo.loading import load_directory
+    from zoo.catalog import load_directory
 
     loaded, processor, _ = load_directory(outputs["mixlora-text"])  # what zoo.load runs
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
@@ -162,7 +169,8 @@ def test_outputs_carry_their_held_out_metrics(micro_run):
 
 @pytest.mark.slow
 def test_specialize_experts_from_task_seeds_each_expert_with_its_ffn_copy(micro_run):
-    from zoo.pipelines.runner import load_expert_seeds, upcycle_for_stage
+    from zoo import upcycle
+    from zoo.pipelines.stages.specialize import load_expert_seeds
 
     recipe, out, outputs = micro_run
     seeds = load_expert_seeds(outputs["specialize"])
@@ -172,7 +180,7 @@ def test_specialize_experts_from_task_seeds_each_expert_with_its_ffn_copy(micro_
     assert all(not torch.equal(s[0]["gate_proj.weight"], base) for s in seeds), "copies were not trained"
     assert not torch.equal(seeds[0][0]["gate_proj.weight"], seeds[1][0]["gate_proj.weight"])
     model, _ = load_model(outputs["specialize"])
-    upcycle_for_stage(model, recipe.stage("moe-tune").upcycle, seeds)
+    model.language_model = upcycle(model.hf_model, recipe.stage("moe-tune").options.moe, expert_seeds=seeds)
     experts = model.language_model.moe_layers()[0].experts
     for j, s in enumerate(seeds):  # expert j starts as copy j, exactly
         assert torch.equal(experts.gate_up_proj[j], torch.cat([s[0]["gate_proj.weight"], s[0]["up_proj.weight"]]))
@@ -191,7 +199,70 @@ def test_run_cli_reports_bad_input_in_one_line_naming_the_cause(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ZOO_DEBUG"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 1
-    assert "zoo.pipelines.run: error: StageConfig: unknown config key(s) ['batchsize']" in proc.stderr
+    assert "zoo: error: recipe 'r': stages[0] ('a'): StageConfig: unknown config key(s) ['batchsize']" in proc.stderr
     assert "Traceback" not in proc.stderr
     debug = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ZOO_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.fixture
+def plugin_stage():
+    """A stage kind registered from this test file, not from the package."""
+    from dataclasses import dataclass
+
+    from zoo.pipelines.stages import STAGES
+    from zoo.pipelines.stages.base import single_branch
+
+    @dataclass
+    class ScaleOptions:
+        factor: float = 2.0
+
+    @STAGES.register("scale-connectors", options=ScaleOptions)
+    class ScaleConnectors:
+        """Scales the connectors' weights before training them; records the factor in the output."""
+
+        default_trains = ["connectors.*"]
+        forks = False
+        evaluates = False
+
+        def __init__(self, **options):
+            self.options = ScaleOptions(**options)
+
+        def branches(self, cfg):
+            return single_branch(cfg)
+
+        def before_training(self, ctx, model, model_cfg, branch):
+            with torch.no_grad():
+                for p in model.connectors.parameters():
+                    p.mul_(self.options.factor)
+            return model, model_cfg
+
+        def trainable(self, model, branch):
+            return list(self.default_trains)
+
+        def after_training(self, ctx, model, model_cfg, branch):
+            return model, model_cfg, {"scaled_by": self.options.factor}, {"note.txt": b"scaled"}
+
+    yield "scale-connectors"
+    STAGES.unregister("scale-connectors")
+
+
+@pytest.mark.slow
+def test_a_stage_registered_outside_the_package_runs_inside_a_recipe(micro_run, plugin_stage, tmp_path):
+    import json
+
+    _, out, outputs = micro_run
+    recipe = RecipeConfig(name="plugin", model=RecipeConfig.load(RECIPE).model, tokenizer_vocab=512, seed=0, stages=[
+        {"name": "align", "kind": "align", "data": {"caption": 1.0}, "batch_size": 2, "train": {"steps": 1}},
+        {"name": "scaled", "kind": plugin_stage, "data": {"vqa": 1.0}, "batch_size": 2, "train": {"steps": 1},
+         "options": {"factor": 3.0}},
+    ])
+    result = run_recipe(recipe, tmp_path / "run", data_dir=out / "data")
+    assert list(result) == ["align", "scaled"]
+    cfg = json.loads((result["scaled"] / "config.json").read_text())
+    assert cfg["stage"] == "scaled" and cfg["scaled_by"] == 3.0 and (result["scaled"] / "note.txt").read_bytes() == b"scaled"
+    before, after = _weights(result["align"]), _weights(result["scaled"])
+    lm = [k for k in after if k.startswith("language_model.")]
+    assert lm and all(torch.equal(before[k], after[k]) for k in lm)  # only the connectors trained
+    with pytest.raises(ValueError, match=r"stage kind 'scale-connectors': ScaleOptions: unknown config key\(s\) \['factr'\]"):
+        StageConfig(name="s", kind=plugin_stage, data={"vqa": 1.0}, options={"factr": 1.0})

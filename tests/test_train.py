@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from zoo.checkpoint import load_checkpoint
-from zoo.pipelines.engine import NonFiniteError, OptimConfig, TorchEngine, cosine_with_warmup
+from zoo.io.checkpoint import load_checkpoint
+from zoo.pipelines.engine import NonFiniteError, TorchEngine
+from zoo.pipelines.optim import OptimConfig, cosine_with_warmup
 from zoo.pipelines.train import TrainConfig, checkpoints, train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from zoo import MoEConfig, upcycle
-from zoo.lm import MoEBlock, decoder_layers
+from zoo.models.lm import MoEBlock, decoder_layers
 from zoo.moe import load_balancing_loss, router_z_loss
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -38,7 +38,7 @@ def test_upcycled_model_reproduces_dense_logits(family, layers):
     ids, mask = batch()
     with torch.no_grad():
         ref = lm(input_ids=ids, attention_mask=mask).logits
-    model = upcycle(lm, num_experts=4, top_k=2, layers=layers).eval()
+    model = upcycle(lm, num_experts=4, layers=layers, router_options={"top_k": 2}).eval()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
@@ -50,7 +50,7 @@ def test_upcycled_with_shared_expert_still_equals_dense():
     ids, mask = batch()
     with torch.no_grad():
         ref = lm(input_ids=ids, attention_mask=mask).logits
-    model = upcycle(lm, MoEConfig(num_experts=4, top_k=1, shared_expert_size=16))
+    model = upcycle(lm, MoEConfig(num_experts=4, shared_expert_size=16, router_options={"top_k": 1}))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref, rtol=1e-5, atol=1e-5)
 
@@ -60,14 +60,14 @@ def test_upcycled_with_shared_expert_still_equals_dense():
     [("all", [0, 1, 2, 3]), ("every_other", [0, 2]), ("first_half", [0, 1]), ("second_half", [2, 3]), ([3, 1], [1, 3])],
 )
 def test_layer_choice(layers, expected):
-    model = upcycle(dense_lm(), num_experts=4, top_k=2, layers=layers)
+    model = upcycle(dense_lm(), num_experts=4, layers=layers, router_options={"top_k": 2})
     assert sorted(model.moe_layers()) == expected
     for i, layer in enumerate(decoder_layers(model.lm)):
         assert isinstance(layer.mlp, MoEBlock) == (i in expected)
 
 
 def test_loss_adds_weighted_aux_losses_over_real_tokens():
-    model = upcycle(dense_lm(), num_experts=4, top_k=2, layers="every_other", aux_loss_coef=0.1, z_loss_coef=0.01)
+    model = upcycle(dense_lm(), num_experts=4, layers="every_other", router_options={"top_k": 2}, loss_coefs={"balance": 0.1, "z": 0.01})
     ids, mask = batch()
     labels = ids.masked_fill(mask == 0, -100)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -82,8 +82,9 @@ def test_loss_adds_weighted_aux_losses_over_real_tokens():
     real = mask.reshape(-1).bool()
     aux = torch.stack([load_balancing_loss(moe.router(inputs[i][real]).logits, 2) for i, moe in model.moe_layers().items()]).mean()
     z = torch.stack([router_z_loss(moe.router(inputs[i][real]).logits) for i, moe in model.moe_layers().items()]).mean()
-    torch.testing.assert_close(out.aux_loss, aux)
-    torch.testing.assert_close(out.z_loss, z)
+    torch.testing.assert_close(out.aux_losses["balance"], aux)
+    torch.testing.assert_close(out.aux_losses["z"], z)
+    torch.testing.assert_close(out.aux_loss, 0.1 * aux + 0.01 * z)
     torch.testing.assert_close(out.loss, out.lm_loss + 0.1 * aux + 0.01 * z)
     for stats in out.routing:
         assert stats.load.sum().item() == pytest.approx(1.0)
@@ -94,12 +95,12 @@ def test_generate_matches_dense_greedy_generation():
     lm = dense_lm()
     prompt = torch.randint(0, TINY["vocab_size"], (1, 5))
     dense_tokens = lm.generate(prompt, max_new_tokens=8, do_sample=False)
-    model = upcycle(lm, num_experts=4, top_k=2)
+    model = upcycle(lm, num_experts=4, router_options={"top_k": 2})
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), dense_tokens)
 
 
 def test_training_step_reaches_every_parameter_and_experts_diverge():
-    model = upcycle(dense_lm(), num_experts=4, top_k=2, jitter_noise=0.01).train()
+    model = upcycle(dense_lm(), num_experts=4, router_options={"top_k": 2, "jitter_noise": 0.01}).train()
     ids, mask = batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
@@ -114,16 +115,16 @@ def test_training_step_reaches_every_parameter_and_experts_diverge():
 def test_upcycle_errors_name_the_cause():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, bos_token_id=0, eos_token_id=0))
     with pytest.raises(ValueError, match=r"layer 0's mlp \(GPT2MLP\) has no gate_proj/up_proj/down_proj"):
-        upcycle(gpt2, num_experts=4, top_k=2)
+        upcycle(gpt2, num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ValueError, match="Sequential has no list of decoder layers with an `mlp`"):
-        upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)), num_experts=4, top_k=2)
+        upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)), num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ValueError, match="uses activation GELUActivation; the experts are SwiGLU"):
-        upcycle(dense_lm(hidden_act="gelu"), num_experts=4, top_k=2)
+        upcycle(dense_lm(hidden_act="gelu"), num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ValueError, match="biased projections"):
-        upcycle(dense_lm(mlp_bias=True), num_experts=4, top_k=2)
+        upcycle(dense_lm(mlp_bias=True), num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ValueError, match="top_k=8 must be between 1 and num_experts=4"):
-        upcycle(dense_lm(), num_experts=4, top_k=8)
+        upcycle(dense_lm(), num_experts=4, router_options={"top_k": 8})
     with pytest.raises(ValueError, match="out of range for a model with 4 layers"):
-        upcycle(dense_lm(), num_experts=4, top_k=2, layers=[4])
+        upcycle(dense_lm(), num_experts=4, layers=[4], router_options={"top_k": 2})
     with pytest.raises(ValueError, match="already an MoECausalLM"):
-        upcycle(upcycle(dense_lm(), num_experts=2, top_k=1), num_experts=2, top_k=1)
+        upcycle(upcycle(dense_lm(), num_experts=2, router_options={"top_k": 1}), num_experts=2, router_options={"top_k": 1})

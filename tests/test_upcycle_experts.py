@@ -8,9 +8,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from zoo import MoEConfig
-from zoo.lm import MoEBlock, decoder_layers
+from zoo.models.lm import MoEBlock, decoder_layers
 from zoo.moe import RouterOutput
-from zoo.upcycle import upcycle_from_experts
+from zoo.transforms import upcycle_from_experts
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -31,7 +31,9 @@ def specialized_copy(base):
 
 
 class ForcedRouter(nn.Module):
-    """Sends every token to one expert with weight 1 (keyword-injected into `SparseMoE`)."""
+    """Sends every token to one expert with weight 1 (keyword-injected into `SparseMoE`); no losses."""
+
+    default_loss_coefs = {}
 
     def __init__(self, hidden_size, num_experts, expert):
         super().__init__()
@@ -42,6 +44,9 @@ class ForcedRouter(nn.Module):
         logits = torch.zeros(t, self.num_experts, dtype=x.dtype)
         logits[:, self.expert] = 1.0
         return RouterOutput(logits, torch.ones(t, 1), torch.full((t, 1), self.expert, dtype=torch.long))
+
+    def aux_losses(self, output, mask=None):
+        return {}
 
 
 def ffn_state_dicts(model):
@@ -57,7 +62,7 @@ def test_routing_to_expert_j_reproduces_the_jth_specialized_model(form):
         refs = [c(input_ids=ids).logits for c in copies]
     assert not torch.allclose(refs[0], refs[1], atol=1e-3)
     given = copies if form == "models" else [ffn_state_dicts(c) for c in copies]
-    model = upcycle_from_experts(base, given, MoEConfig(num_experts=2, top_k=1))
+    model = upcycle_from_experts(base, given, MoEConfig(num_experts=2, router_options={"top_k": 1}))
     for j, ref in enumerate(refs):
         for moe in model.moe_layers().values():
             moe.router = ForcedRouter(TINY["hidden_size"], 2, j)
@@ -69,7 +74,7 @@ def test_routing_to_expert_j_reproduces_the_jth_specialized_model(form):
 def test_more_experts_than_copies_cycle_through_them_and_routers_are_fresh():
     base = dense_lm()
     copies = [specialized_copy(base), specialized_copy(base)]
-    model = upcycle_from_experts(base, copies, num_experts=4, top_k=2, layers=[1])
+    model = upcycle_from_experts(base, copies, num_experts=4, layers=[1], router_options={"top_k": 2})
     assert sorted(model.moe_layers()) == [1]
     experts = model.moe_layers()[1].experts
     mlp1 = decoder_layers(copies[1])[1].mlp
@@ -95,8 +100,8 @@ def test_errors_name_the_cause_and_leave_the_model_unchanged():
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
-            upcycle_from_experts(base, kw["copies"], num_experts=kw["num_experts"], top_k=1)
+            upcycle_from_experts(base, kw["copies"], num_experts=kw["num_experts"], router_options={"top_k": 1})
         assert not any(isinstance(layer.mlp, MoEBlock) for layer in decoder_layers(base))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(ValueError, match="layer 0's mlp \\(GPT2MLP\\) has no gate_proj/up_proj/down_proj"):
-        upcycle_from_experts(gpt2, [good], num_experts=1, top_k=1)
+        upcycle_from_experts(gpt2, [good], num_experts=1, router_options={"top_k": 1})

@@ -9,7 +9,8 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from zoo import upcycle  # noqa: E402
-from zoo.pipelines.engine import OptimConfig, TorchEngine  # noqa: E402
+from zoo.pipelines.engine import TorchEngine  # noqa: E402
+from zoo.pipelines.optim import OptimConfig  # noqa: E402
 from zoo.pipelines.train import TrainConfig, train  # noqa: E402
 
 
@@ -17,7 +18,7 @@ def tiny_moe_lm(seed: int = 0):
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    return upcycle(lm, num_experts=4, top_k=2, jitter_noise=0.1)  # jitter: resume must restore the RNG
+    return upcycle(lm, num_experts=4, router_options={"top_k": 2, "jitter_noise": 0.1})  # jitter: resume must restore the RNG
 
 
 def batch_at(i: int) -> dict:

@@ -1,14 +1,15 @@
-"""The `zoo` command: `zoo list | load | build | export | publish`.
+"""The library's commands of the `zoo` CLI: `zoo list | load | export | publish`.
 
     zoo list [PATTERN] [--task-family F] [--all-versions]
     zoo load NAME[@VERSION] [--version V] [--device D] [--dtype T]
-    zoo build NAME[@VERSION] [--force] [--resume]
     zoo export NAME[@VERSION]|CHECKPOINT_DIR --format hf --out DIR [--overwrite]
     zoo publish DIR --repo org/name [--revision R] [--private] [--message M] [--dry-run]
 
-Every command exits 0 on success, 2 on a usage error, and 1 with one `zoo: error: ...` line
-naming the cause (an unknown model, a version no release satisfies, a model not built yet with
-the command that builds it, a corrupted file, ...).
+The installed `zoo` command (`zoo.pipelines.cli`) adds the training side's `build`, `train` and
+`eval` to these; the library never imports training code, so they live there. Every command exits
+0 on success, 2 on a usage error, and 1 with one `zoo: error: ...` line naming the cause (an
+unknown model, a version no release satisfies, a model not built yet with the command that builds
+it, a corrupted file, a bad config key, ...).
 """
 
 from __future__ import annotations
@@ -18,21 +19,15 @@ import os
 import sys
 from pathlib import Path
 
-from zoo.checkpoint import CheckpointError, verify_checkpoint
-from zoo.export import FORMATS, ExportError
-from zoo.hub import HubError
-from zoo.loading import (
-    LoadError,
-    build,
-    install_dir,
-    is_installed,
-    load_directory,
-    locate,
-    render_card,
-)
-from zoo.registry import Registry, RegistryError
+from zoo.catalog.cards import Catalog, CatalogError
+from zoo.catalog.install import LoadError, is_installed, locate, render_card
+from zoo.catalog.load import load_directory
+from zoo.io.checkpoint import CheckpointError, verify_checkpoint
+from zoo.io.export import FORMATS, ExportError
+from zoo.io.hub import HubError
 
-_ERRORS = (RegistryError, LoadError, CheckpointError, HubError, ExportError)
+# What bad input raises (a name no card has, a corrupt file, a config key no entry accepts, ...).
+ERRORS = (CatalogError, LoadError, CheckpointError, HubError, ExportError, ValueError, TypeError, FileNotFoundError)
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -45,7 +40,7 @@ def _status(card) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cards = Registry.from_dir(args.cards_dir).list(args.pattern, args.task_family, all_versions=args.all_versions)
+    cards = Catalog.from_dir(args.cards_dir).list(args.pattern, args.task_family, all_versions=args.all_versions)
     if not cards:
         what = " and ".join(x for x in (args.pattern and f"pattern {args.pattern!r}",
                                         args.task_family and f"task family {args.task_family!r}") if x)
@@ -65,7 +60,7 @@ def _resolve_model(target: str, version: str | None, cards_dir, device: str = "c
     if version is None and path.is_dir():
         model, processor, cfg = load_directory(path, device=device, dtype=dtype)
         return model, processor, cfg, path, None
-    card = Registry.from_dir(cards_dir).get(target, version)
+    card = Catalog.from_dir(cards_dir).get(target, version)
     directory = locate(card)
     model, processor, cfg = load_directory(directory, device=device, dtype=dtype, card=card)
     return model, processor, cfg, directory, card
@@ -83,20 +78,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    registry = Registry.from_dir(args.cards_dir)
-    card = registry.get(args.name, args.version)
-    if is_installed(card) and not args.force:
-        print(f"{card.ref} is already built at {install_dir(card)} (pass --force to rebuild)")
-        return 0
-    installed = build(card.name, str(card.version), force=args.force, resume=args.resume, cards_dir=args.cards_dir)
-    for ref, path in installed.items():
-        print(f"installed {ref} at {path}")
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from zoo.export import export_multimodal
+    from zoo.io.export import export_multimodal
 
     model, processor, cfg, directory, card = _resolve_model(args.name, args.version, args.cards_dir)
     text = render_card(card) if card is not None else None
@@ -144,13 +127,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoo", description="moe-zoo: list, load, build, export and publish models.")
+def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `zoo` parser with the library's subcommands; returns `(parser, subparsers)` to add more to."""
+    p = argparse.ArgumentParser(prog="zoo", description="moe-zoo: list, load, build, train, evaluate, export and publish models.")
     p.add_argument("--cards-dir", default=os.environ.get("ZOO_MODEL_CARDS"),
-                   help="model cards directory (default: $ZOO_MODEL_CARDS or the repository's model_cards/)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,load,build,export,publish}")
+                   help="model cards directory (default: $ZOO_MODEL_CARDS or the cards shipped with moe-zoo)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("list", help="registered models, their versions and whether they are installed")
+    s = sub.add_parser("list", help="catalogued models, their versions and whether they are installed")
     s.add_argument("pattern", nargs="?", help="glob over names, e.g. 'tiny-zoo-*'")
     s.add_argument("--task-family", help="only this task family")
     s.add_argument("--all-versions", action="store_true", help="every version, not only the newest")
@@ -162,13 +146,6 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", choices=_DTYPES)
     s.set_defaults(func=cmd_load)
-
-    s = sub.add_parser("build", help="run a card's recipe and install its checkpoint under $ZOO_HOME/models")
-    s.add_argument("name", help="NAME or NAME@VERSION")
-    s.add_argument("--version", help="exact version or range")
-    s.add_argument("--force", action="store_true", help="rebuild even if installed")
-    s.add_argument("--resume", action="store_true", help="continue the recipe's stages from their last checkpoints")
-    s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("export", help="write a model as transformers-native files")
     s.add_argument("name", help="NAME, NAME@VERSION, or a checkpoint directory")
@@ -188,7 +165,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--message", help="commit message")
     s.add_argument("--dry-run", action="store_true", help="check and print what would be uploaded")
     s.set_defaults(func=cmd_publish)
-    return p
+    return p, sub
 
 
 def report_errors(prog: str, fn, errors: tuple[type[BaseException], ...]) -> int:
@@ -209,18 +186,22 @@ def report_errors(prog: str, fn, errors: tuple[type[BaseException], ...]) -> int
     return status if isinstance(status, int) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage)."""
-    parser = make_parser()
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[BaseException], ...]) -> int:
+    """Parse `argv` and run the chosen subcommand; returns the exit status (0 ok, 1 error, 2 usage)."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    return report_errors("zoo", lambda: args.func(args), _ERRORS)
+    return report_errors("zoo", lambda: args.func(args), errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The library-only CLI (`python -m zoo.cli`): list, load, export, publish."""
+    return run_cli(make_parser()[0], argv, ERRORS)
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "make_parser"]
+__all__ = ["ERRORS", "main", "make_parser", "report_errors", "run_cli"]

@@ -18,9 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from zoo.encoders.processing import AudioProcessor, ImageProcessor
+from zoo.models.lm import IGNORE_INDEX
 from zoo.tokenizer import AUDIO, IMAGE, load_tokenizer
-
-IGNORE_INDEX = -100
 
 
 class MultimodalProcessor:

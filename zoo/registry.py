@@ -1,469 +1,190 @@
-"""The model registry: `model_cards/*.md` (YAML front matter + prose) -> typed, versioned entries.
+"""Component registries: a name -> builder table per method slot (routers, experts, stages, ...).
 
-A card is the single source of truth for one released checkpoint::
+One small class serves every slot, so every slot behaves alike for users and for tests::
 
-    ---
-    name: moe-llava-tiny
-    version: 1.2.0                 # semver
-    task_family: image-text        # free-form slug; the zoo's families are listed in the README
-    description: One line.
-    license: apache-2.0
-    config: {...}                  # the model config (a mapping) or a path to a config file
-    uri: https://... | hf://org/repo@rev | file://...   # and/or `recipe:` for checkpoints we build
-    sha256: <64 hex digits>        # required for http(s) files
-    recipe: configs/recipes/x.yaml # how `zoo build` makes it (paths relative to the repository)
-    output: lora-vqa               # which of the recipe's outputs this card releases
-    base_components: [Qwen2-0.5B, ...]
-    metrics:
-      - {name: accuracy, value: 0.71, command: "zoo eval moe-llava-tiny --task x", dataset: x}
-    ---
+    ROUTERS = Registry("router")
 
-`metrics` may also be a mapping `name: {value, command[, dataset]}`, and `{}` (or `[]`) while
-nothing has been measured yet (built checkpoints get their measured metrics in the installed copy
-of the card).
-    Prose...
+    @ROUTERS.register("topk", options=TopKOptions)
+    class TopKRouter(nn.Module): ...
 
-Versions are compared as semver (numbers as numbers, pre-releases before releases), never as
-strings. A version request is None (the newest release), an exact version ("1.2.0"), a caret
-range ("^1.0": >=1.0.0, <2.0.0; for 0.x the minor is the breaking part), or a tilde range
-("~1.2": >=1.2.0, <1.3.0).
+    ROUTERS.names()                                   # ['topk', ...]
+    ROUTERS.get("topk")                               # the class; an unknown name lists the registered ones
+    ROUTERS.build("topk", {"top_k": 2}, hidden_size=64, num_experts=8)
+
+`build(name, options, **context)` validates `options` (a mapping) and calls the entry with the
+context keywords and the options as keywords. An entry registered with an options dataclass is
+validated by it (an unknown option is named with the accepted ones, and the dataclass checks
+ranges); an entry without one is validated against its call signature. Context keywords are what
+the caller knows and the user does not choose (the model width, the expert count, ...).
+
+Entries may carry an `example`: options that build a tiny instance, which the registry-driven tests
+use when the defaults are not enough (a timm encoder needs a model name). A new entry is then
+tested by every registry-driven test without editing them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import fnmatch
-import functools
-import os
-import re
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import yaml
+from zoo.config import config_from_dict
 
-CARD_FIELDS = frozenset(
-    {"name", "version", "task_family", "description", "license", "config", "uri", "sha256", "recipe",
-     "output", "base_components", "metrics"}
-)
-REQUIRED_FIELDS = ("name", "version", "task_family", "description", "license", "config")
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_SEMVER_RE = re.compile(
-    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
-)
-
-
-class RegistryError(Exception):
-    """A card is malformed, a name is unknown, or no version satisfies a request."""
-
-
-@functools.total_ordering
-@dataclass(frozen=True)
-class Version:
-    """A semantic version (semver 2.0.0); ordered by semver precedence.
-
-    Attributes:
-        major, minor, patch: the numeric core.
-        prerelease: dot-separated identifiers after `-` (numbers as ints), empty for a release.
-        build: metadata after `+`; ignored in comparisons, as semver says.
-    """
-
-    major: int
-    minor: int
-    patch: int
-    prerelease: tuple[int | str, ...] = ()
-    build: str = field(default="", compare=False)
-
-    @classmethod
-    def parse(cls, text: str) -> Version:
-        """Parse `MAJOR.MINOR.PATCH[-PRERELEASE][+BUILD]`; anything else is an error."""
-        m = _SEMVER_RE.fullmatch(str(text).strip())
-        if not m:
-            raise RegistryError(f"{text!r} is not a semantic version MAJOR.MINOR.PATCH (e.g. '1.2.0')")
-        pre = tuple(int(p) if p.isdigit() else p for p in m.group(4).split(".")) if m.group(4) else ()
-        return cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), pre, m.group(5) or "")
-
-    @property
-    def is_prerelease(self) -> bool:
-        return bool(self.prerelease)
-
-    def _key(self) -> tuple:
-        # A release sorts after its pre-releases; numeric identifiers sort before alphanumeric ones.
-        pre = tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in self.prerelease)
-        return (self.major, self.minor, self.patch, 1 if not pre else 0, pre)
-
-    def __lt__(self, other: Version) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() < other._key()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Version):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __str__(self) -> str:
-        text = f"{self.major}.{self.minor}.{self.patch}"
-        if self.prerelease:
-            text += "-" + ".".join(map(str, self.prerelease))
-        return text + (f"+{self.build}" if self.build else "")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class VersionSpec:
-    """A version request: exact, caret (`^`), tilde (`~`), or None for the newest release.
+class Entry(Generic[T]):
+    """One registered component.
 
     Attributes:
-        text: the request as written (None: newest release).
-        lower: smallest allowed version (inclusive), None when unbounded.
-        upper: first version not allowed (exclusive), None when unbounded.
-        exact: the one allowed version for an exact request.
+        name: the registered name.
+        target: the class or function `build` calls.
+        options: the options dataclass, or None (options are checked against `target`'s signature).
+        example: options that build a tiny instance for tests (default: the options' defaults).
+        context: keywords the caller passes that are not options (excluded from the accepted options).
     """
 
-    text: str | None
-    lower: Version | None = None
-    upper: Version | None = None
-    exact: Version | None = None
+    name: str
+    target: T
+    options: type | None = None
+    example: Mapping[str, Any] = field(default_factory=dict)
+    context: tuple[str, ...] = ()
 
-    @classmethod
-    def parse(cls, text: str | None) -> VersionSpec:
-        """Parse None, "1.2.0", "^1.0", "^1", "~1.2" or "~1.2.3"."""
-        if text is None:
-            return cls(None)
-        text = str(text).strip()
-        if text[:1] in ("^", "~"):
-            parts = text[1:].split(".")
-            if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
-                raise RegistryError(f"version range {text!r} must look like ^1, ^1.2, ^1.2.3, ~1.2 or ~1.2.3")
-            nums = [int(p) for p in parts] + [0] * (3 - len(parts))
-            lower = Version(*nums)
-            if text[0] == "^":  # the left-most non-zero component given may not change
-                if nums[0] > 0 or len(parts) == 1:
-                    upper = Version(nums[0] + 1, 0, 0)
-                elif nums[1] > 0 or len(parts) == 2:
-                    upper = Version(0, nums[1] + 1, 0)
-                else:
-                    upper = Version(0, 0, nums[2] + 1)
-            else:  # tilde: patch-level changes if a minor is given, else minor-level
-                upper = Version(nums[0], nums[1] + 1, 0) if len(parts) >= 2 else Version(nums[0] + 1, 0, 0)
-            return cls(text, lower=lower, upper=upper)
-        try:
-            exact = Version.parse(text)
-        except RegistryError:
-            raise RegistryError(
-                f"version request {text!r} is neither an exact version like '1.2.0' nor a range like '^1.0' or '~1.2'"
-            ) from None
-        return cls(text, exact=exact)
+    def accepted_options(self) -> list[str]:
+        """Option names this entry accepts (sorted)."""
+        if self.options is not None:
+            return sorted(f.name for f in dataclasses.fields(self.options))
+        params = inspect.signature(self.target).parameters.values()
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return sorted(p.name for p in params if p.kind in kinds and p.name not in self.context)
 
-    def allows(self, version: Version) -> bool:
-        """Whether `version` satisfies the request (pre-releases only by an exact request)."""
-        if self.exact is not None:
-            return version == self.exact
-        if version.is_prerelease:
+    def takes_any_option(self) -> bool:
+        """True when `target` accepts arbitrary keywords (`**kwargs`) and has no options dataclass."""
+        if self.options is not None:
             return False
-        return (self.lower is None or version >= self.lower) and (self.upper is None or version < self.upper)
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.target).parameters.values())
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A measured number and the command that measured it.
-
-    Attributes:
-        name: e.g. "accuracy".
-        value: the number.
-        command: the exact command that reproduces it.
-        dataset: what it was measured on, when it is not implied by the command.
-    """
-
-    name: str
-    value: float
-    command: str
-    dataset: str | None = None
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """One registered checkpoint (one `model_cards/*.md` file).
-
-    Attributes:
-        name: model name, lower-case slug.
-        version: its semantic version.
-        task_family: the task family slug it belongs to.
-        description: one line.
-        license: SPDX-like license id.
-        config: the model config mapping, or a path to a config file (relative to the repo).
-        uri: where the checkpoint is downloaded from (None for ones built locally).
-        sha256: full sha256 of the file at `uri` (None for directories with their own manifest,
-            `hf://` snapshots, and built checkpoints).
-        recipe: the recipe that builds it (`zoo build NAME`), relative to the repository root
-            (the parent of the cards directory) unless absolute.
-        output: the recipe output this card releases (a stage name, or `<lora stage>-<family>`);
-            required with `recipe`.
-        base_components: pretrained parts it starts from.
-        metrics: measured metrics with their commands.
-        path: the card file.
-        body: the card's prose.
-    """
-
-    name: str
-    version: Version
-    task_family: str
-    description: str
-    license: str
-    config: dict[str, Any] | str
-    uri: str | None = None
-    sha256: str | None = None
-    recipe: str | None = None
-    output: str | None = None
-    base_components: tuple[str, ...] = ()
-    metrics: tuple[Metric, ...] = ()
-    path: Path | None = None
-    body: str = ""
-
-    @property
-    def ref(self) -> str:
-        """`name@version`."""
-        return f"{self.name}@{self.version}"
-
-    @property
-    def root(self) -> Path:
-        """The directory the card's relative paths (`recipe`, `config`) are relative to."""
-        return self.path.resolve().parent.parent if self.path is not None else Path.cwd()
-
-    def resolve_path(self, relative: str) -> Path:
-        """A card path field (`recipe`, a `config` path) as an absolute path."""
-        p = Path(relative).expanduser()
-        return p if p.is_absolute() else self.root / p
-
-
-def _split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
-    lines = text.splitlines(keepends=True)
-    if not lines or lines[0].strip() != "---":
-        raise RegistryError(f"{where}: a model card must start with a '---' line opening its YAML front matter")
-    for i in range(1, len(lines)):
-        if lines[i].strip() == "---":
-            try:
-                data = yaml.safe_load("".join(lines[1:i]))
-            except yaml.YAMLError as e:
-                raise RegistryError(f"{where}: front matter is not valid YAML: {e}") from e
-            if not isinstance(data, dict):
-                raise RegistryError(f"{where}: front matter must be a mapping of fields")
-            return data, "".join(lines[i + 1 :])
-    raise RegistryError(f"{where}: front matter is not closed by a '---' line")
-
-
-def _text(data: dict, key: str, where: str, pattern: re.Pattern | None = None) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise RegistryError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
-    if pattern is not None and not pattern.fullmatch(value):
-        raise RegistryError(f"{where}: field {key!r}={value!r} must match {pattern.pattern}")
-    return value.strip()
-
-
-def _metrics(raw: Any, where: str) -> tuple[Metric, ...]:
-    if raw is None:
-        return ()
-    if isinstance(raw, dict):  # {name: {value, command[, dataset]}}
-        if not all(isinstance(k, str) and isinstance(v, dict) and "name" not in v for k, v in raw.items()):
-            raise RegistryError(f"{where}: 'metrics' as a mapping must be name -> {{value, command[, dataset]}}")
-        raw = [{"name": k, **v} for k, v in raw.items()]
-    if not isinstance(raw, list):
-        raise RegistryError(f"{where}: 'metrics' must be a list of {{name, value, command[, dataset]}}")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or set(m) - {"name", "value", "command", "dataset"}:
-            raise RegistryError(f"{where}: metrics[{i}] must have only name, value, command and dataset, got {m!r}")
-        if not isinstance(m.get("command"), str) or not m["command"].strip():
-            raise RegistryError(f"{where}: metrics[{i}] ({m.get('name')!r}) has no 'command' that measured it")
-        value = m.get("value")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RegistryError(f"{where}: metrics[{i}] ({m.get('name')!r}) value must be a number, got {value!r}")
-        out.append(Metric(_text(m, "name", f"{where}: metrics[{i}]"), float(value), m["command"].strip(), m.get("dataset")))
-    return tuple(out)
-
-
-def parse_card(path: str | os.PathLike) -> ModelCard:
-    """Read and validate one model card file.
-
-    Raises:
-        RegistryError: naming the file and the field at fault.
-    """
-    path = Path(path)
-    where = str(path)
-    data, body = _split_front_matter(path.read_text(encoding="utf-8"), where)
-    unknown = sorted(set(data) - CARD_FIELDS)
-    if unknown:
-        raise RegistryError(f"{where}: unknown field(s) {unknown}; card fields are {sorted(CARD_FIELDS)}")
-    missing = [k for k in REQUIRED_FIELDS if k not in data]
-    if missing:
-        raise RegistryError(f"{where}: missing required field(s) {missing}")
-    if not isinstance(data["version"], str):  # YAML reads `version: 1.2` as a float
-        raise RegistryError(f"{where}: 'version' must be a semantic version like 1.2.0, got {data['version']!r}")
-    try:
-        version = Version.parse(data["version"])
-    except RegistryError as e:
-        raise RegistryError(f"{where}: field 'version': {e}") from None
-    config = data["config"]
-    if not isinstance(config, (dict, str)) or not config:
-        raise RegistryError(f"{where}: 'config' must be a mapping or a path to a config file")
-    uri = data.get("uri")
-    recipe = data.get("recipe")
-    if uri is None and recipe is None:
-        raise RegistryError(f"{where}: a card needs a 'uri' to download from or a 'recipe' that builds it")
-    if uri is not None and (not isinstance(uri, str) or not uri.strip()):
-        raise RegistryError(f"{where}: 'uri' must be a non-empty string")
-    output = data.get("output")
-    if recipe is not None and output is None:
-        raise RegistryError(f"{where}: a card with a 'recipe' needs 'output': the recipe output it releases (e.g. lora-vqa)")
-    if output is not None and recipe is None:
-        raise RegistryError(f"{where}: 'output' names a recipe output but the card has no 'recipe'")
-    sha256 = data.get("sha256")
-    if sha256 is not None:
-        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.lower()):
-            raise RegistryError(f"{where}: 'sha256' must be the full 64-hex-digit digest, got {sha256!r}")
-        sha256 = sha256.lower()
-    if isinstance(uri, str) and uri.startswith(("http://", "https://")) and sha256 is None:
-        raise RegistryError(f"{where}: an http(s) 'uri' needs the file's 'sha256'")
-    base = data.get("base_components") or []
-    if not isinstance(base, list) or not all(isinstance(b, str) and b for b in base):
-        raise RegistryError(f"{where}: 'base_components' must be a list of names")
-    return ModelCard(
-        name=_text(data, "name", where, _NAME_RE),
-        version=version,
-        task_family=_text(data, "task_family", where, _SLUG_RE),
-        description=_text(data, "description", where),
-        license=_text(data, "license", where),
-        config=config,
-        uri=uri.strip() if isinstance(uri, str) else None,
-        sha256=sha256,
-        recipe=_text(data, "recipe", where) if recipe is not None else None,
-        output=_text(data, "output", where, _NAME_RE) if output is not None else None,
-        base_components=tuple(base),
-        metrics=_metrics(data.get("metrics"), where),
-        path=path,
-        body=body,
-    )
-
-
-def default_cards_dir() -> Path:
-    """`$ZOO_MODEL_CARDS`, else the repository's `model_cards/` next to the `zoo` package."""
-    env = os.environ.get("ZOO_MODEL_CARDS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "model_cards"
-
-
-class Registry:
-    """All cards of a directory, indexed by name and version.
+class Registry(Generic[T]):
+    """Named components of one kind.
 
     Args:
-        cards: the parsed cards; a name@version given twice is an error naming both files.
+        kind: what the entries are ("router", "stage", ...), used in error messages.
+        context: keyword names every `build` passes besides the options (e.g. `hidden_size`).
     """
 
-    def __init__(self, cards: list[ModelCard]) -> None:
-        self._by_name: dict[str, dict[Version, ModelCard]] = {}
-        for card in cards:
-            versions = self._by_name.setdefault(card.name, {})
-            if card.version in versions:
-                raise RegistryError(f"{card.ref} is defined twice: in {versions[card.version].path} and {card.path}")
-            versions[card.version] = card
+    def __init__(self, kind: str, *, context: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.context = tuple(context)
+        self._entries: dict[str, Entry[T]] = {}
 
-    @classmethod
-    def from_dir(cls, directory: str | os.PathLike | None = None) -> Registry:
-        """Parse every `*.md` card in `directory` (default: `default_cards_dir()`); none is fine."""
-        root = Path(directory) if directory is not None else default_cards_dir()
-        paths = sorted(root.glob("*.md")) if root.is_dir() else []
-        return cls([parse_card(p) for p in paths if p.name.lower() != "readme.md"])
+    def register(
+        self, name: str, *, options: type | None = None, example: Mapping[str, Any] | None = None
+    ) -> Callable[[T], T]:
+        """Decorator: register a class or function under `name`.
+
+        Args:
+            name: the name configs use.
+            options: a dataclass whose fields are the entry's options (validated in `build`).
+            example: options that build a tiny instance (registry-driven tests).
+
+        Raises:
+            ValueError: the name is taken, or `options` is not a dataclass.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} registry: a name must be a non-empty string, got {name!r}")
+        if options is not None and not dataclasses.is_dataclass(options):
+            raise ValueError(f"{self.kind} {name!r}: options must be a dataclass, got {options!r}")
+
+        def deco(target: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._entries[name].target!r})")
+            self._entries[name] = Entry(name, target, options, dict(example or {}), self.context)
+            return target
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for tests that register a temporary one)."""
+        self.entry(name)
+        del self._entries[name]
 
     def names(self) -> list[str]:
-        return sorted(self._by_name)
+        """Registered names, sorted."""
+        return sorted(self._entries)
 
-    def versions(self, name: str) -> list[Version]:
-        """All versions of `name`, oldest first."""
-        return sorted(self._versions_of(name))
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
-    def _versions_of(self, name: str) -> dict[Version, ModelCard]:
-        if name not in self._by_name:
-            close = difflib.get_close_matches(name, self._by_name, n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            known = self.names()
-            raise RegistryError(f"unknown model {name!r}{hint} (registered: {known if known else 'none'})")
-        return self._by_name[name]
+    def __iter__(self):
+        return iter(self.names())
 
-    def get(self, name: str, version: str | None = None) -> ModelCard:
-        """The card for `name` at the newest version that satisfies `version`.
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, name: str) -> Entry[T]:
+        """The `Entry` for `name`.
+
+        Raises:
+            ValueError: unknown name; the message lists the registered names (and close matches).
+        """
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            close = difflib.get_close_matches(str(name), self._entries, n=3)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.names()}{hint}") from None
+
+    def get(self, name: str) -> T:
+        """The registered class or function (see `entry` for the error)."""
+        return self.entry(name).target
+
+    def options(self, name: str, options: Mapping[str, Any] | Any | None = None) -> Any:
+        """Validated options of `name`: its options dataclass instance, or a plain dict.
+
+        Raises:
+            ValueError: an unknown option (named with the accepted ones) or a value the options reject.
+        """
+        entry = self.entry(name)
+        if entry.options is not None:
+            if isinstance(options, entry.options):
+                return options
+            try:
+                return config_from_dict(entry.options, dict(options or {}))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{self.kind} {name!r}: {e}") from None
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"{self.kind} {name!r}: options must be a mapping, got {type(options).__name__}")
+        opts = dict(options or {})
+        if not entry.takes_any_option():
+            accepted = entry.accepted_options()
+            unknown = sorted(set(opts) - set(accepted))
+            if unknown:
+                raise ValueError(f"{self.kind} {name!r}: unknown option(s) {unknown}; accepted options are {accepted}")
+        return opts
+
+    def build(self, name: str, options: Mapping[str, Any] | Any | None = None, **context: Any) -> Any:
+        """Validate `options` for `name` and call the entry with `**context, **options`.
 
         Args:
-            name: a model name, or `name@version-request`.
-            version: None (newest release), "1.2.0", "^1.0", or "~1.2".
+            name: the registered name.
+            options: a mapping of option values (or an instance of the entry's options dataclass).
+            **context: keywords supplied by the caller, not by the user's config.
         """
-        if "@" in name:
-            if version is not None:
-                raise RegistryError(f"give the version either in the name ({name!r}) or as version=, not both")
-            name, version = name.split("@", 1)
-        cards = self._versions_of(name)
-        spec = VersionSpec.parse(version)
-        ok = [v for v in cards if spec.allows(v)]
-        if not ok:
-            have = ", ".join(map(str, sorted(cards)))
-            what = "a release" if spec.text is None else f"version {spec.text!r}"
-            raise RegistryError(f"no version of {name!r} satisfies {what}; available: {have}")
-        return cards[max(ok)]
+        entry = self.entry(name)
+        opts = self.options(name, options)
+        kwargs = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)} if entry.options is not None else opts
+        clash = sorted(set(kwargs) & set(context))
+        if clash:
+            raise ValueError(f"{self.kind} {name!r}: {clash} are set by the caller, not by options")
+        return entry.target(**context, **kwargs)
 
-    def list(self, pattern: str | None = None, task_family: str | None = None, *, all_versions: bool = False) -> list[ModelCard]:
-        """Cards whose name matches the glob `pattern` (case-insensitive) and `task_family`.
-
-        Args:
-            pattern: e.g. "moe-llava-*"; None matches all.
-            task_family: keep only this family.
-            all_versions: every version, instead of the newest release (or newest pre-release
-                when a model has no release) of each name.
-        """
-        out = []
-        for name in self.names():
-            if pattern is not None and not fnmatch.fnmatchcase(name, pattern.lower()):
-                continue
-            versions = self._by_name[name]
-            if all_versions:
-                chosen = [versions[v] for v in sorted(versions)]
-            else:
-                releases = [v for v in versions if not v.is_prerelease]
-                chosen = [versions[max(releases or versions)]]
-            out.extend(c for c in chosen if task_family is None or c.task_family == task_family)
-        return out
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
 
 
-def list_models(
-    pattern: str | None = None,
-    task_family: str | None = None,
-    *,
-    all_versions: bool = False,
-    cards_dir: str | os.PathLike | None = None,
-) -> list[ModelCard]:
-    """Registered models matching `pattern` and `task_family` (see `Registry.list`)."""
-    return Registry.from_dir(cards_dir).list(pattern, task_family, all_versions=all_versions)
-
-
-def get_card(name: str, version: str | None = None, *, cards_dir: str | os.PathLike | None = None) -> ModelCard:
-    """The card for `name` at the newest version satisfying `version` (see `Registry.get`)."""
-    return Registry.from_dir(cards_dir).get(name, version)
-
-
-__all__ = [
-    "Metric",
-    "ModelCard",
-    "Registry",
-    "RegistryError",
-    "Version",
-    "VersionSpec",
-    "default_cards_dir",
-    "get_card",
-    "list_models",
-    "parse_card",
-]
+__all__ = ["Entry", "Registry"]

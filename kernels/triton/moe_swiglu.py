@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels.reference import connected_zeros
 from zoo.kernels.triton.routing import Routing, route
 from zoo.kernels.triton.scatter_gemm import scatter_gemm
 from zoo.kernels.triton.swiglu_gemm import down_backward, gate_up_forward
@@ -109,8 +110,9 @@ def moe_swiglu(
     Args:
         x: token states `[T, d]`.
         weights: combine weights `[T, k]`.
-        indices: expert ids `[T, k]`, values in `[0, E)` (not checked on device: out-of-range ids
-            are undefined behaviour, as in an index kernel).
+        indices: expert ids `[T, k]`, values in `[0, E)` or -1 for an empty slot (skipped: it costs
+            no compute and contributes 0). Not checked on device: other out-of-range ids are
+            undefined behaviour, as in an index kernel.
         gate_up: `[E, 2f, d]` gate rows then up rows of each expert.
         down: `[E, d, f]`.
 
@@ -119,5 +121,5 @@ def moe_swiglu(
     """
     _check(x, weights, indices, gate_up, down)
     if x.shape[0] == 0 or indices.shape[1] == 0:
-        return torch.zeros_like(x)  # nothing routed, as in the reference
+        return connected_zeros(x, gate_up, down, weights.to(x.dtype))  # nothing routed, as in the reference
     return torch.ops.zoo.moe_swiglu_triton(x, weights, indices, gate_up, down)[0]

@@ -35,19 +35,24 @@ class Routing(NamedTuple):
 def route(indices: torch.Tensor, num_experts: int) -> Routing:
     """Group the T*k assignments by expert without a device-to-host sync.
 
+    Empty slots (`indices == -1`) sort after every expert's rows, into a bucket E that no kernel
+    tile reaches (tiles come from `counts[:E]`), so they are never computed; the kernels' callers
+    zero the buffers those rows would have written.
+
     Args:
-        indices: expert ids `[T, k]`, values in `[0, E)`.
+        indices: expert ids `[T, k]`, values in `[0, E)` or -1.
         num_experts: E.
 
     Returns:
-        `Routing` (order, token_of, counts).
+        `Routing` (order, token_of, counts); `order` and `token_of` hold all T*k slots.
     """
     flat = indices.reshape(-1).long()  # [N]
+    flat = torch.where(flat < 0, num_experts, flat)  # empty slots -> bucket E, sorted last
     order = torch.argsort(flat, stable=True)  # [N]
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E + 1]
     token_of = torch.div(order, indices.shape[1], rounding_mode="floor").to(torch.int32)  # [N]
-    return Routing(order, token_of, counts)
+    return Routing(order, token_of, counts[:num_experts])
 
 
 @triton.jit

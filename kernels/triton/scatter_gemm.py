@@ -94,7 +94,7 @@ def scatter_gemm(
     if transpose_w:
         stride_wk, stride_wn = stride_wn, stride_wk
         n_out = w.shape[1]
-    out = a.new_empty(num_rows, n_out)  # [N, n], slot order
+    out = a.new_zeros(num_rows, n_out)  # [N, n], slot order; empty slots (never written) stay 0
     flat_w = weights.reshape(-1) if weights is not None else routing.counts  # unused pointer if None
     grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     _scatter_gemm_kernel[grid](

@@ -186,7 +186,7 @@ def down_backward(
     num_rows = routing.order.numel()
     block_n = _DOWN_BWD_BLOCK_N
     dh = torch.empty_like(h)
-    dw_part = h.new_empty(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32)  # [f-tiles, N]
+    dw_part = h.new_zeros(triton.cdiv(inter, block_n), num_rows, dtype=torch.float32)  # [f-tiles, N]; empty slots stay 0
     flat_w = weights.reshape(-1)  # [N], slot order
     grid = lambda meta: (grid_rows(num_rows, num_experts, meta["BLOCK_M"]) * triton.cdiv(inter, block_n),)  # noqa: E731
     _down_bwd_kernel[grid](

@@ -1,23 +1,33 @@
-"""Sparse MoE core: routers, experts, the layer, pure aux losses, routing capture."""
+"""Sparse MoE core: routers, experts, the layer, pure aux losses, routing capture.
 
-from zoo.moe.experts import SwiGLU, SwiGLUExperts
-from zoo.moe.capture import LayerRoutingStats, RoutingRecord, capture_routing, routing_losses
+Registries: `ROUTERS` (one file per router under `zoo/moe/routers/`) and `EXPERTS` (expert kinds).
+"""
+
+from zoo.moe.capture import LayerRoutingStats, RoutingLosses, RoutingRecord, capture_routing, routing_losses
+from zoo.moe.config import LAYER_PATTERNS, MoEConfig
+from zoo.moe.experts import EXPERTS, SwiGLU, SwiGLUExperts
 from zoo.moe.layer import SparseMoE, build_sparse_moe
-from zoo.moe.losses import load_balancing_loss, load_fraction, router_entropy, router_z_loss
-from zoo.moe.router import ROUTERS, RouterOutput, TopKRouter, build_router
+from zoo.moe.losses import experts_per_token, load_balancing_loss, load_fraction, router_entropy, router_z_loss
+from zoo.moe.routers import EMPTY, ROUTERS, Router, RouterOutput, TopKRouter
 
 __all__ = [
+    "EMPTY",
+    "EXPERTS",
+    "LAYER_PATTERNS",
     "LayerRoutingStats",
+    "MoEConfig",
     "ROUTERS",
-    "RoutingRecord",
+    "Router",
     "RouterOutput",
+    "RoutingLosses",
+    "RoutingRecord",
     "SparseMoE",
     "SwiGLU",
     "SwiGLUExperts",
     "TopKRouter",
-    "build_router",
     "build_sparse_moe",
     "capture_routing",
+    "experts_per_token",
     "load_balancing_loss",
     "load_fraction",
     "router_entropy",

@@ -17,19 +17,31 @@ import torch
 from torch import nn
 
 from zoo.moe.layer import SparseMoE
-from zoo.moe.losses import load_balancing_loss, load_fraction, router_entropy, router_z_loss
-from zoo.moe.router import RouterOutput
+from zoo.moe.losses import experts_per_token, load_fraction, router_entropy
+from zoo.moe.routers import RouterOutput
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 @dataclass
 class RoutingRecord:
-    """One MoE layer's routing in one forward call."""
+    """One MoE layer's routing in one forward call.
 
-    name: str  # module path, e.g. "model.layers.3.mlp.moe"
-    layer: int  # decoder layer index parsed from the path, or call order if there is none
+    Attributes:
+        name: module path, e.g. "model.layers.3.mlp.moe".
+        layer: decoder layer index parsed from the path, or call order if there is none.
+        output: the router's decision.
+        router: the router module that made it (its `aux_losses` turns `output` into losses).
+    """
+
+    name: str
+    layer: int
     output: RouterOutput
+    router: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
 
 
 @dataclass
@@ -38,13 +50,15 @@ class LayerRoutingStats:
 
     Attributes:
         layer: decoder layer index.
-        load: `[E]` fraction of assignments per expert over real tokens; sums to 1.
-        entropy: scalar, mean router entropy in nats (`log E` = uniform).
+        load: `[E]` fraction of filled assignments per expert over real tokens; sums to 1.
+        entropy: scalar, mean router entropy in nats (`log R` = uniform over the R choices).
+        experts_per_token: scalar, mean number of experts computed per real token.
     """
 
     layer: int
     load: torch.Tensor
     entropy: torch.Tensor
+    experts_per_token: torch.Tensor
 
 
 @contextmanager
@@ -57,7 +71,7 @@ def capture_routing(model: nn.Module) -> Iterator[list[RoutingRecord]]:
 
         def hook(module: nn.Module, args, output) -> None:
             layer = int(match.group(1)) if match else len(records)
-            records.append(RoutingRecord(name, layer, output[1]))
+            records.append(RoutingRecord(name, layer, output[1], module.router))
 
         return hook
 
@@ -69,31 +83,52 @@ def capture_routing(model: nn.Module) -> Iterator[list[RoutingRecord]]:
             h.remove()
 
 
-def routing_losses(
-    records: list[RoutingRecord], top_k: int, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[LayerRoutingStats]]:
-    """Aux losses averaged over MoE layers, and per-layer stats.
+@dataclass
+class RoutingLosses:
+    """What `routing_losses` computed over one forward call's MoE layers.
+
+    Attributes:
+        losses: loss name -> mean over the layers whose router produced it (unweighted).
+        default_coefs: loss name -> the producing routers' default weight.
+        stats: per-layer statistics, in call order.
+    """
+
+    losses: dict[str, torch.Tensor]
+    default_coefs: dict[str, float]
+    stats: list[LayerRoutingStats]
+
+    def weighted(self, coefs: dict[str, float] | None = None) -> torch.Tensor | None:
+        """`sum_name coef[name] * losses[name]` (coefs override the defaults); None if no layer routed."""
+        if not self.losses:
+            return None
+        coefs = {**self.default_coefs, **(coefs or {})}
+        return sum(coefs[name] * value for name, value in self.losses.items())
+
+
+def routing_losses(records: list[RoutingRecord], mask: torch.Tensor | None = None) -> RoutingLosses:
+    """Each router's aux losses averaged over MoE layers, and per-layer stats.
 
     Args:
         records: from `capture_routing`, one per MoE layer call.
-        top_k: k used for the balance loss.
         mask: optional token mask `[B, S]` (1 = real token) matching each layer's T = B*S rows;
             ignored for a layer whose row count differs.
 
     Returns:
-        balance loss (scalar), z-loss (scalar), stats per record in call order.
+        `RoutingLosses`.
     """
-    if not records:
-        zero = torch.zeros(())
-        return zero, zero, []
-    balance, z, stats = [], [], []
+    per_name: dict[str, list[torch.Tensor]] = {}
+    defaults: dict[str, float] = {}
+    stats = []
     for r in records:
         logits = r.output.logits
         m = mask if mask is not None and mask.numel() == logits.shape[0] else None
-        balance.append(load_balancing_loss(logits, top_k, m))
-        z.append(router_z_loss(logits, m))
+        for name, value in r.router.aux_losses(r.output, m).items():
+            per_name.setdefault(name, []).append(value)
+            defaults.setdefault(name, r.router.default_loss_coefs[name])
         with torch.no_grad():
-            stats.append(
-                LayerRoutingStats(r.layer, load_fraction(r.output.indices, logits.shape[-1], m), router_entropy(logits, m))
-            )
-    return torch.stack(balance).mean(), torch.stack(z).mean(), stats
+            stats.append(LayerRoutingStats(
+                r.layer, load_fraction(r.output.indices, r.num_experts, m), router_entropy(logits, m),
+                experts_per_token(r.output.indices, m),
+            ))
+    losses = {name: torch.stack(values).mean() for name, values in per_name.items()}
+    return RoutingLosses(losses, defaults, stats)

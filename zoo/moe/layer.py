@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo.config import MoEConfig
-from zoo.moe.experts import SwiGLU, SwiGLUExperts
-from zoo.moe.router import RouterOutput, build_router
+from zoo.moe.config import MoEConfig
+from zoo.moe.experts import EXPERTS, SwiGLU
+from zoo.moe.routers import ROUTERS, RouterOutput
 
 
 class SparseMoE(nn.Module):
     """Route tokens to experts and combine them; optionally add a gated shared expert.
 
     Composition by keyword: any router returning `RouterOutput` and any experts module taking
-    `(x [T, d], weights [T, k], indices [T, k]) -> [T, d]` work together.
+    `(x [T, d], weights [T, K], indices [T, K]) -> [T, d]` work together. Empty slots
+    (`indices == -1`) cost nothing; a token with no expert gets 0 from the routed experts.
 
     Args:
         router: maps `[T, d]` to a `RouterOutput`.
@@ -69,28 +70,19 @@ class SparseMoE(nn.Module):
 
 
 def build_sparse_moe(cfg: MoEConfig, hidden_size: int, intermediate_size: int) -> SparseMoE:
-    """Build a `SparseMoE` from a `zoo.config.MoEConfig` for a model of width `hidden_size`.
+    """Build a `SparseMoE` from a `zoo.moe.MoEConfig` for a model of width `hidden_size`.
 
     Args:
-        cfg: router name, E, k and shared expert size.
+        cfg: router and its options, expert kind, E and shared expert size.
         hidden_size: d.
-        intermediate_size: f of each routed expert.
+        intermediate_size: f of each routed expert (the caller resolves
+            `cfg.expert_intermediate_size`).
     """
-    router = build_router(
-        cfg.router,
-        hidden_size,
-        cfg.num_experts,
-        cfg.top_k,
-        norm_topk_prob=cfg.norm_topk_prob,
-        jitter_noise=cfg.jitter_noise,
-    )
+    router = ROUTERS.build(cfg.router, cfg.router_options, hidden_size=hidden_size, num_experts=cfg.num_experts)
     shared = gate = None
     if cfg.shared_expert_size:
         shared = SwiGLU(hidden_size, cfg.shared_expert_size)
         gate = nn.Linear(hidden_size, 1, bias=False)
-    return SparseMoE(
-        router=router,
-        experts=SwiGLUExperts(cfg.num_experts, hidden_size, intermediate_size),
-        shared_expert=shared,
-        shared_expert_gate=gate,
-    )
+    experts = EXPERTS.build(cfg.experts, num_experts=cfg.num_experts, hidden_size=hidden_size,
+                            intermediate_size=intermediate_size)
+    return SparseMoE(router=router, experts=experts, shared_expert=shared, shared_expert_gate=gate)

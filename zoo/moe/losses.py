@@ -19,19 +19,35 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def load_fraction(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Fraction of the (token, slot) assignments that went to each expert.
+    """Fraction of the filled (token, slot) assignments that went to each expert.
 
     Args:
-        indices: `[T, k]` expert ids.
+        indices: `[T, K]` expert ids; `-1` marks an empty slot, which is not counted.
         num_experts: E.
         mask: optional `[T]` (or any shape with T elements) true for real tokens.
 
     Returns:
-        `[E]` float32, sums to 1 (over real tokens).
+        `[E]` float32, sums to 1 over real tokens (all zeros if no slot is filled).
     """
-    one_hot = torch.nn.functional.one_hot(indices, num_experts).float().sum(dim=1)  # [T, E]
-    per_token = _masked_mean(one_hot, mask)  # [E], sums to k
-    return per_token / indices.shape[1]
+    counts = _assignment_counts(indices, num_experts, mask)  # [E], sums to the mean experts per token
+    return counts / counts.sum().clamp_min(1e-12)
+
+
+def _assignment_counts(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """`[E]` mean over real tokens of how many of a token's filled slots chose each expert."""
+    filled = (indices >= 0).unsqueeze(-1)  # [T, K, 1]
+    one_hot = torch.nn.functional.one_hot(indices.clamp_min(0), num_experts).float() * filled  # [T, K, E]
+    return _masked_mean(one_hot.sum(dim=1), mask)
+
+
+def experts_per_token(indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean number of filled slots (experts computed) per real token; scalar float32.
+
+    Args:
+        indices: `[T, K]` expert ids, `-1` for empty slots.
+        mask: optional token mask with T elements.
+    """
+    return _masked_mean((indices >= 0).float().sum(dim=1), mask)
 
 
 def load_balancing_loss(
@@ -55,7 +71,7 @@ def load_balancing_loss(
     num_experts = logits.shape[-1]
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
     chosen = torch.topk(probs, top_k, dim=-1).indices
-    f = load_fraction(chosen, num_experts, mask) * top_k  # [E], sums to k
+    f = _assignment_counts(chosen, num_experts, mask)  # [E], sums to k
     p = _masked_mean(probs, mask)  # [E]
     return num_experts * torch.sum(f * p)
 

@@ -1,4 +1,4 @@
-"""Model-card registry: card parsing and validation, semver ordering, version resolution, listing."""
+"""The model catalogue: card parsing, semver ordering and resolution, listing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from zoo.registry import Metric, Registry, RegistryError, Version, VersionSpec, get_card, list_models, parse_card
+from zoo.catalog.cards import Catalog, CatalogError, Metric, Version, VersionSpec, get_card, list_models, parse_card
 
 SHA = "ab" * 32
 
@@ -70,7 +70,7 @@ def test_parse_a_full_card(tmp_path):
 )
 def test_bad_cards_name_the_file_and_field(tmp_path, fields, extra, message):
     path = _card(tmp_path, "bad", extra=extra, **fields)
-    with pytest.raises(RegistryError, match=message) as info:
+    with pytest.raises(CatalogError, match=message) as info:
         parse_card(path)
     assert str(path) in str(info.value)
 
@@ -83,10 +83,10 @@ def test_metrics_as_mapping_or_empty(tmp_path):
 
 def test_front_matter_must_be_delimited(tmp_path):
     (tmp_path / "x.md").write_text("name: x\n")
-    with pytest.raises(RegistryError, match="must start with a '---' line"):
+    with pytest.raises(CatalogError, match="must start with a '---' line"):
         parse_card(tmp_path / "x.md")
     (tmp_path / "y.md").write_text("---\nname: x\n")
-    with pytest.raises(RegistryError, match="not closed"):
+    with pytest.raises(CatalogError, match="not closed"):
         parse_card(tmp_path / "y.md")
 
 
@@ -99,7 +99,7 @@ def test_semver_precedence_is_numeric_not_string():
     assert Version.parse("1.0.0+build.5") == Version.parse("1.0.0")
     assert str(Version.parse("1.0.0-rc.1+b7")) == "1.0.0-rc.1+b7"
     for bad in ("1.0", "01.0.0", "1.0.0-", "1.0.0-01", "latest"):
-        with pytest.raises(RegistryError):
+        with pytest.raises(CatalogError):
             Version.parse(bad)
 
 
@@ -132,7 +132,7 @@ def cards(tmp_path):
 
 
 def test_resolution(cards):
-    reg = Registry.from_dir(cards)
+    reg = Catalog.from_dir(cards)
     assert [str(v) for v in reg.versions("tiny-moe")] == ["0.9.0", "1.0.0", "1.2.0", "1.10.0", "2.0.0-rc.1"]
     assert str(reg.get("tiny-moe").version) == "1.10.0"  # newest release, not the rc, not "1.2.0" > "1.10.0"
     assert str(reg.get("tiny-moe", "^1.0").version) == "1.10.0"
@@ -143,22 +143,22 @@ def test_resolution(cards):
 
 
 def test_resolution_errors(cards):
-    reg = Registry.from_dir(cards)
-    with pytest.raises(RegistryError, match=r"unknown model 'tiny-mo'; did you mean \['tiny-moe'\]"):
+    reg = Catalog.from_dir(cards)
+    with pytest.raises(CatalogError, match=r"unknown model 'tiny-mo'; did you mean \['tiny-moe'\]"):
         reg.get("tiny-mo")
-    with pytest.raises(RegistryError, match=r"no version of 'tiny-moe' satisfies version '\^3.0'; available: 0.9.0, 1.0.0"):
+    with pytest.raises(CatalogError, match=r"no version of 'tiny-moe' satisfies version '\^3.0'; available: 0.9.0, 1.0.0"):
         reg.get("tiny-moe", "^3.0")
-    with pytest.raises(RegistryError, match="satisfies a release; available: 0.1.0-alpha"):
+    with pytest.raises(CatalogError, match="satisfies a release; available: 0.1.0-alpha"):
         reg.get("preview-moe")
-    with pytest.raises(RegistryError, match="neither an exact version"):
+    with pytest.raises(CatalogError, match="neither an exact version"):
         reg.get("tiny-moe", "1.2")
 
 
 def test_duplicate_versions_are_refused(tmp_path):
     a = _card(tmp_path, "a", version="1.0.0")
     b = _card(tmp_path, "b", version="1.0.0+other")  # build metadata does not make a new version
-    with pytest.raises(RegistryError, match=rf"tiny-moe@1.0.0(\+other)? is defined twice: in {a} and {b}"):
-        Registry.from_dir(tmp_path)
+    with pytest.raises(CatalogError, match=rf"tiny-moe@1.0.0(\+other)? is defined twice: in {a} and {b}"):
+        Catalog.from_dir(tmp_path)
 
 
 def test_list_models(cards, monkeypatch):

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from zoo.config import MoEConfig
 from zoo.moe.capture import LayerRoutingStats, capture_routing, routing_losses
+from zoo.moe.config import MoEConfig
 from zoo.moe.layer import SparseMoE
+
+IGNORE_INDEX = -100  # label value that takes no loss (transformers' convention)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -50,36 +52,41 @@ class MoECausalLMOutput(ModelOutput):
     """Output of `MoECausalLM.forward`.
 
     Attributes:
-        loss: `lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss` when labels are given.
+        loss: `lm_loss + aux_loss` when labels are given.
         lm_loss: next-token cross-entropy.
-        aux_loss: load-balancing loss, mean over MoE layers.
-        z_loss: router z-loss, mean over MoE layers.
+        aux_loss: `sum_name coef[name] * aux_losses[name]`, the weighted router losses.
+        aux_losses: loss name (`balance`, `z`, ...) -> its mean over the MoE layers whose router
+            produced it (unweighted).
         logits: `[B, S, V]`.
         past_key_values: the decoder's cache, when it returned one.
-        routing: per MoE layer `LayerRoutingStats` (expert load fractions, router entropy).
+        routing: per MoE layer `LayerRoutingStats` (expert load, router entropy, experts per token).
     """
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None
     past_key_values: object | None = None
     routing: list[LayerRoutingStats] | None = None
 
 
 class MoECausalLM(nn.Module):
-    """A transformers causal LM plus the MoE settings its loss needs.
+    """A transformers causal LM whose MoE layers' router losses join its training loss.
 
     Args:
         lm: a transformers `*ForCausalLM` (its MLPs possibly replaced by `MoEBlock`s).
-        moe: the MoE settings (k for the balance loss, loss coefficients).
+        moe: the MoE settings the LM was upcycled with (None when its MoE layers came from an
+            adapter, e.g. MixLoRA on a dense LM).
+        loss_coefs: weight of each router loss by name; a loss not named keeps its router's
+            default weight. Default: `moe.loss_coefs`.
     """
 
-    def __init__(self, lm: nn.Module, moe: MoEConfig) -> None:
+    def __init__(self, lm: nn.Module, moe: MoEConfig | None = None, *, loss_coefs: dict[str, float] | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.moe_config = moe
+        self.loss_coefs = dict(loss_coefs if loss_coefs is not None else (moe.loss_coefs if moe is not None else {}))
 
     @property
     def config(self):
@@ -97,29 +104,28 @@ class MoECausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
-        """Run the LM; with `labels`, the loss includes the weighted aux losses.
+        """Run the LM; with `labels`, the loss includes the weighted router losses.
 
         Args:
             input_ids: `[B, S]` (or pass `inputs_embeds=[B, S, d]` in kwargs).
             attention_mask: `[B, S]`, 1 for real tokens; padding is left out of the aux losses.
-            labels: `[B, S]`, -100 where no loss is taken; shifted inside transformers.
+            labels: `[B, S]`, `IGNORE_INDEX` where no loss is taken; shifted inside transformers.
             **kwargs: passed to the transformers model (`inputs_embeds`, `past_key_values`, ...).
         """
         with capture_routing(self.lm) as records:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        aux, z, stats = routing_losses(records, self.moe_config.top_k, attention_mask)
-        aux, z = aux.to(out.logits.device), z.to(out.logits.device)
-        loss = None
-        if labels is not None:
-            loss = out.loss + self.moe_config.aux_loss_coef * aux + self.moe_config.z_loss_coef * z
+        routed = routing_losses(records, attention_mask)
+        aux = routed.weighted(self.loss_coefs)
+        aux = out.logits.new_zeros((), dtype=torch.float32) if aux is None else aux.to(out.logits.device)
+        loss = out.loss + aux if labels is not None else None
         return MoECausalLMOutput(
             loss=loss,
             lm_loss=out.loss,
             aux_loss=aux,
-            z_loss=z,
+            aux_losses={k: v.to(out.logits.device) for k, v in routed.losses.items()},
             logits=out.logits,
             past_key_values=getattr(out, "past_key_values", None),
-            routing=stats,
+            routing=routed.stats,
         )
 
     @torch.no_grad()

@@ -38,7 +38,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-MOE_CAUSAL_LM_KIND = "moe_causal_lm"
 
 _HASH_CHUNK = 1 << 20
 
@@ -423,114 +422,31 @@ def load_checkpoint(
     return LoadedCheckpoint(state, config, paths)
 
 
-# --- MoECausalLM --------------------------------------------------------------------------------
-
-
-def save_moe_lm(
-    model,
-    directory: str | os.PathLike,
-    *,
-    extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = False,
-) -> Path:
-    """Save a `zoo.lm.MoECausalLM` so that `load_moe_lm` rebuilds it offline.
-
-    The config records the transformers LM config (`lm.config.to_dict()`) and the `MoEConfig`;
-    the state dict is the wrapper's (`lm.` prefixed keys).
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | os.PathLike) -> torch.nn.Module:
+    """Load `state` into `model` with every key matched (the one strict loader of the zoo).
 
     Args:
-        model: the `MoECausalLM`.
-        directory: final checkpoint path.
-        extra_files: as in `save_checkpoint` (tokenizer files, model card).
-        max_shard_bytes: shard size limit.
-        overwrite: replace an existing checkpoint.
-    """
-    from zoo.lm import MoECausalLM
-
-    if not isinstance(model, MoECausalLM):
-        raise TypeError(f"save_moe_lm: expected an MoECausalLM, got {type(model).__name__}")
-    config = {
-        "kind": MOE_CAUSAL_LM_KIND,
-        "lm": model.lm.config.to_dict(),
-        "moe": model.moe_config.to_dict(),
-    }
-    return save_checkpoint(
-        directory,
-        model.state_dict(),
-        config,
-        extra_files=extra_files,
-        max_shard_bytes=max_shard_bytes,
-        overwrite=overwrite,
-    )
-
-
-def moe_lm_from_config(config: Mapping[str, Any], *, dtype: torch.dtype | None = None):
-    """Build an `MoECausalLM` with fresh weights from a `save_moe_lm` config dict (offline).
-
-    Args:
-        config: `{"kind": "moe_causal_lm", "lm": <transformers config dict>, "moe": <MoEConfig dict>}`.
-        dtype: parameter dtype (default: float32).
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from zoo.config import MoEConfig
-    from zoo.upcycle import upcycle
-
-    if config.get("kind") != MOE_CAUSAL_LM_KIND:
-        raise CheckpointError(f"config kind is {config.get('kind')!r}, expected {MOE_CAUSAL_LM_KIND!r}")
-    lm_dict = dict(config["lm"])
-    model_type = lm_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise CheckpointError(f"LM model_type {model_type!r} is not known to this transformers version")
-    hf_config = CONFIG_MAPPING[model_type].from_dict(lm_dict)
-    lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
-    return upcycle(lm, MoEConfig.from_dict(dict(config["moe"])))
-
-
-def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], directory, *,
-                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a checkpoint's `state` into the model its config built, every key matched; then place it.
-
-    Raises:
-        CheckpointError: naming the checkpoint and the first missing / unexpected keys.
-    """
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {str(directory)!r} does not match the model its config builds: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    model = model.to(device=device)
-    return model.to(dtype=dtype) if dtype is not None else model
-
-
-def load_moe_lm(
-    directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-):
-    """Load a checkpoint written by `save_moe_lm`: verify, rebuild offline, load weights strictly.
-
-    Args:
-        directory: the checkpoint directory.
-        device: where to put the model.
-        dtype: cast the model to this dtype after loading; by default it keeps the saved dtype
-            (so the round trip is bit-exact).
+        model: the model its config built.
+        state: tensor name -> tensor.
+        where: the checkpoint (path or description) for the error.
 
     Returns:
-        `(model, paths)`: the `MoECausalLM` in eval mode and the extra files' paths.
+        `model`.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the first missing / unexpected keys, or a shape
+            mismatch.
     """
-    state, config, paths = load_checkpoint(directory)
-    floating = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(floating) > 1:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"checkpoint {str(where)!r} does not fit the model its config builds: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
-            f"checkpoint {str(directory)!r} mixes floating dtypes {sorted(map(str, floating))}; "
-            "save_moe_lm writes one dtype"
+            f"checkpoint {str(where)!r} does not match the model its config builds: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
-    saved_dtype = floating.pop() if floating else torch.float32
-    model = moe_lm_from_config(config, dtype=saved_dtype)
-    model = load_weights_into(model, state, directory, device=device, dtype=dtype)
-    return model.eval(), paths
+    return model
 
 
 __all__ = [
@@ -542,11 +458,9 @@ __all__ = [
     "check_extra_name",
     "copy_extra_file",
     "load_checkpoint",
-    "load_moe_lm",
-    "moe_lm_from_config",
+    "load_strict",
     "read_manifest",
     "save_checkpoint",
-    "save_moe_lm",
     "sha256_file",
     "verify_checkpoint",
     "write_manifest",

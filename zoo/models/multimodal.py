@@ -1,9 +1,8 @@
 """`MultimodalMoE`: modality encoders + connectors + a causal LM (dense or sparse MoE).
 
-Text carries one placeholder token per media item (`<image>`, `<audio>`). Each placeholder is
-replaced by its connector's output tokens (LLaVA-style splicing); labels there are -100. Media are
-given flat, in the order their placeholders appear in the batch (sample 0 first, left to right),
-as in transformers' LLaVA (`pixel_values [num_images, 3, H, W]`).
+Text carries one placeholder token per media item (`<image>`, `<audio>`); each is replaced by its
+connector's output tokens (`zoo.models.splicing`). The LM is an unmodified transformers causal LM,
+or a `MoECausalLM` whose router losses join the loss.
 """
 
 from __future__ import annotations
@@ -14,34 +13,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from zoo.config import ModelConfig
-from zoo.lm import MoECausalLM
+from zoo.models.lm import MoECausalLM
+from zoo.models.splicing import SplicedInputs, placeholder_positions, splice_media
 from zoo.moe.capture import LayerRoutingStats
-from zoo.moe.losses import load_balancing_loss
 
-IGNORE_INDEX = -100
 _MEDIA_NAMES = {"image": "images", "audio": "audio clips"}
-
-
-@dataclass
-class SplicedInputs:
-    """The LM-ready batch after splicing.
-
-    Attributes:
-        inputs_embeds: `[B, L, d]`.
-        attention_mask: `[B, L]`, 1 for real (text or media) positions.
-        position_ids: `[B, L]`, counting real positions from 0 (pads get 0).
-        labels: `[B, L]` with -100 at media, placeholder and pad positions (None if no labels given).
-        media_mask: `[B, L]` bool, True where a connector token sits.
-        connector_routing: modality -> `RouterOutput` of MoE connectors (one row per media item).
-    """
-
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor | None
-    media_mask: torch.Tensor
-    connector_routing: dict
 
 
 @dataclass
@@ -49,10 +25,10 @@ class MultimodalOutput(ModelOutput):
     """Output of `MultimodalMoE.forward`.
 
     Attributes:
-        loss: `lm_loss` + the LM's weighted MoE aux losses + `connector_aux_coef * connector_aux_loss`.
+        loss: `lm_loss` + the LM's weighted router losses + `connector_aux_coef * connector_aux_loss`.
         lm_loss: next-token cross-entropy over text positions.
-        aux_loss: LM load-balancing loss (0 for a dense LM).
-        z_loss: LM router z-loss (0 for a dense LM).
+        aux_loss: the LM's weighted router losses (0 for a dense LM).
+        aux_losses: the LM's router losses by name, each averaged over MoE layers (unweighted).
         connector_aux_loss: balance loss of MoE connectors' routers (0 if none).
         logits: `[B, L, V]` over the spliced sequence.
         past_key_values: the LM's cache.
@@ -64,7 +40,7 @@ class MultimodalOutput(ModelOutput):
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
     connector_aux_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: object | None = None
@@ -77,7 +53,7 @@ class MultimodalMoE(nn.Module):
     """Encoders and connectors per modality feeding a causal LM through placeholder splicing.
 
     Args:
-        language_model: a transformers causal LM, or a `zoo.lm.MoECausalLM` (e.g. from `upcycle`).
+        language_model: a transformers causal LM, or a `zoo.models.MoECausalLM` (e.g. from `upcycle`).
         encoders: modality ("image", "audio") -> encoder, `[n, ...] -> [n, N, D]`.
         connectors: modality -> connector, `(features, text, text_mask) -> ([n, M, d], routing | None)`.
         placeholder_ids: modality -> placeholder token id.
@@ -162,11 +138,9 @@ class MultimodalMoE(nn.Module):
                     f"MultimodalMoE: {_MEDIA_NAMES[modality]} were given but this model has no {modality} "
                     f"encoder (its encoders: {sorted(self.encoders) or 'none'})"
                 )
-        positions: dict[str, list[list[int]]] = {}
+        positions = placeholder_positions(input_ids, attention_mask, self.placeholder_ids)
         for modality, token_id in self.placeholder_ids.items():
-            hits = (input_ids == token_id) & attention_mask.bool()  # [B, S]
-            positions[modality] = [row.nonzero().flatten().tolist() for row in hits]
-            count = int(hits.sum())
+            count = sum(len(row) for row in positions[modality])
             given = media.get(modality)
             n = 0 if given is None else len(given)
             if count != n:
@@ -248,51 +222,8 @@ class MultimodalMoE(nn.Module):
             if route is not None:
                 routing[modality] = route
 
-        # Walk each sample's real tokens; cut at placeholders, insert media tokens.
-        next_item = {m: 0 for m in tokens}
-        seqs, lab_seqs, media_flags = [], [], []
-        for b in range(input_ids.shape[0]):
-            real = attention_mask[b].bool().nonzero().flatten()  # positions of real tokens
-            marks = sorted((p, m) for m, pos in positions.items() for p in pos[b])
-            pieces, lab_pieces, flags = [], [], []
-            start = 0
-            keep = real.tolist()
-            for p, m in marks + [(None, None)]:
-                stop = len(keep) if p is None else keep.index(p)
-                idx = real[start:stop]
-                pieces.append(text[b, idx])
-                flags.append(torch.zeros(len(idx), dtype=torch.bool, device=text.device))
-                if labels is not None:
-                    lab_pieces.append(labels[b, idx])
-                if p is None:
-                    break
-                item = tokens[m][next_item[m]]  # [M, d]
-                next_item[m] += 1
-                pieces.append(item)
-                flags.append(torch.ones(len(item), dtype=torch.bool, device=text.device))
-                if labels is not None:
-                    lab_pieces.append(torch.full((len(item),), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
-                start = stop + 1  # skip the placeholder itself
-            seqs.append(torch.cat(pieces))
-            media_flags.append(torch.cat(flags))
-            if labels is not None:
-                lab_seqs.append(torch.cat(lab_pieces))
-
-        length = max(len(s) for s in seqs)
-        batch, d = len(seqs), text.shape[-1]
-        embeds = text.new_zeros(batch, length, d)
-        mask = attention_mask.new_zeros(batch, length)
-        media_mask = torch.zeros(batch, length, dtype=torch.bool, device=text.device)
-        out_labels = None if labels is None else labels.new_full((batch, length), IGNORE_INDEX)
-        for b, seq in enumerate(seqs):
-            n = len(seq)
-            sl = slice(0, n) if padding_side == "right" else slice(length - n, length)
-            embeds[b, sl] = seq
-            mask[b, sl] = 1
-            media_mask[b, sl] = media_flags[b]
-            if out_labels is not None:
-                out_labels[b, sl] = lab_seqs[b]
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        embeds, mask, position_ids, out_labels, media_mask = splice_media(
+            text, attention_mask, positions, tokens, labels, padding_side)
         return SplicedInputs(embeds, mask, position_ids, out_labels, media_mask, routing)
 
     # -- forward / generate ---------------------------------------------------------------------
@@ -332,12 +263,12 @@ class MultimodalMoE(nn.Module):
         )
         zero = s.inputs_embeds.new_zeros(())
         conn_aux = zero
-        for route in s.connector_routing.values():
-            conn_aux = conn_aux + load_balancing_loss(route.logits, route.indices.shape[1])
-        if isinstance(out, ModelOutput) and hasattr(out, "aux_loss") and out.aux_loss is not None:
-            aux, z, routing = out.aux_loss, out.z_loss, out.routing
+        for modality, route in s.connector_routing.items():
+            conn_aux = conn_aux + self.connectors[modality].router.aux_losses(route)["balance"]
+        if isinstance(self.language_model, MoECausalLM):
+            aux, aux_losses, routing = out.aux_loss, out.aux_losses, out.routing
         else:
-            aux, z, routing = zero, zero, []
+            aux, aux_losses, routing = zero, {}, []
         loss = None
         if labels is not None:
             loss = out.loss + self.connector_aux_coef * conn_aux
@@ -345,7 +276,7 @@ class MultimodalMoE(nn.Module):
             loss=loss,
             lm_loss=getattr(out, "lm_loss", None) if isinstance(self.language_model, MoECausalLM) else out.loss,
             aux_loss=aux,
-            z_loss=z,
+            aux_losses=aux_losses,
             connector_aux_loss=conn_aux,
             logits=out.logits,
             past_key_values=getattr(out, "past_key_values", None),
@@ -382,108 +313,4 @@ class MultimodalMoE(nn.Module):
         return self.hf_model.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **generate_kwargs)
 
 
-# -- building from a config -----------------------------------------------------------------------
-
-
-def build_encoder(cfg) -> nn.Module:
-    """Build one encoder from an `EncoderConfig`."""
-    from zoo.encoders.audio import WhisperAudioEncoder
-    from zoo.encoders.vision import OpenClipVisionEncoder, TimmVisionEncoder
-
-    if cfg.kind == "timm":
-        return TimmVisionEncoder(
-            cfg.name,
-            feature_layer=cfg.feature_layer,
-            select=cfg.select,
-            image_size=cfg.image_size,
-            weights=cfg.weights,
-            **cfg.options,
-        )
-    if cfg.kind == "open_clip":
-        vision_cfg = dict(cfg.options)
-        if cfg.image_size is not None:
-            vision_cfg["image_size"] = cfg.image_size
-        return OpenClipVisionEncoder(
-            cfg.name,
-            vision_cfg=vision_cfg,
-            feature_layer=-1 if cfg.feature_layer is None else cfg.feature_layer,
-            select=cfg.select,
-            weights=cfg.weights,
-        )
-    return WhisperAudioEncoder(
-        cfg.options, feature_layer=-1 if cfg.feature_layer is None else cfg.feature_layer, weights=cfg.weights
-    )
-
-
-def build_language_model(cfg) -> nn.Module:
-    """Build the transformers causal LM from an `LMConfig` (random init, or a local directory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if cfg.weights is not None:
-        return AutoModelForCausalLM.from_pretrained(cfg.weights, local_files_only=True, **cfg.config)
-    hf_config = AutoConfig.for_model(cfg.model_type, **cfg.config)
-    return AutoModelForCausalLM.from_config(hf_config)
-
-
-def build_model(cfg: ModelConfig) -> MultimodalMoE:
-    """Build the whole model a `ModelConfig` describes (random weights unless the config names some).
-
-    Build inside `with torch.device("meta"):` to check shapes of a full-size model without memory.
-    """
-    from zoo.encoders.connectors import build_connector
-    from zoo.upcycle import upcycle
-
-    lm = build_language_model(cfg.lm)
-    d = lm.get_input_embeddings().embedding_dim
-    vocab = lm.get_input_embeddings().num_embeddings
-    for modality, token_id in cfg.placeholder_ids().items():
-        if not 0 <= token_id < vocab:
-            raise ValueError(f"build_model: the <{modality}> token id {token_id} is outside the LM vocabulary ({vocab})")
-    language_model = upcycle(lm, cfg.moe) if cfg.moe is not None else lm
-    encoders = {m: build_encoder(e) for m, e in cfg.encoders.items()}
-    connectors = {
-        m: build_connector(c.kind, encoders[m].output_dim, d, **c.options) for m, c in cfg.connectors.items()
-    }
-    model = MultimodalMoE(
-        language_model=language_model,
-        encoders=encoders,
-        connectors=connectors,
-        placeholder_ids=cfg.placeholder_ids(),
-        connector_aux_coef=cfg.moe.aux_loss_coef if cfg.moe is not None else 0.01,
-    )
-    frozen = [f"encoders.{m}" for m, e in cfg.encoders.items() if e.freeze]
-    frozen += [f"connectors.{m}" for m, c in cfg.connectors.items() if c.freeze]
-    if cfg.lm.freeze:
-        frozen.append("language_model")
-    return model.freeze(*frozen)
-
-
-__all__ = ["IGNORE_INDEX", "MultimodalMoE", "MultimodalOutput", "SplicedInputs", "build_encoder", "build_language_model", "build_model"]
-
-
-def model_from_checkpoint_config(config: dict) -> tuple[MultimodalMoE, ModelConfig]:
-    """Build the (untrained) model a zoo checkpoint's `config.json` describes, ready for a strict load.
-
-    Every weight will come from the checkpoint, so configured pretrained files are not read. A
-    checkpoint trained with MixLoRA records its settings under `"mixlora"`: its LoRA experts are
-    modules, not merged weights, so they are rebuilt here (its attention LoRA was merged).
-
-    Args:
-        config: the checkpoint config, `{"model": ModelConfig dict, ...}`.
-
-    Returns:
-        `(model, model_config)`.
-    """
-    import copy
-
-    cfg = ModelConfig.from_dict(config["model"])
-    build_cfg = copy.deepcopy(cfg)
-    build_cfg.lm.weights = None
-    for enc in build_cfg.encoders.values():
-        enc.weights = None
-    model = build_model(build_cfg)
-    if config.get("mixlora"):
-        from zoo.lora import apply_mixlora
-
-        model.language_model = apply_mixlora(model.language_model, **config["mixlora"], attention_lora=False)
-    return model, cfg
+__all__ = ["MultimodalMoE", "MultimodalOutput", "SplicedInputs"]

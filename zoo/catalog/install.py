@@ -1,22 +1,17 @@
-"""`zoo.load`, `zoo build` and installed checkpoints: registry card -> verified local model.
+"""Installed checkpoints: where a card's checkpoint lives locally, how it gets there, its card inside.
 
 Where a card's checkpoint comes from, in order:
 
 1. an installed copy at `$ZOO_HOME/models/<name>/<version>/` (written by `zoo build`, or an
    archive unpacked there by an earlier `zoo.load`);
-2. the card's `uri` (see `zoo.hub.resolve`): a checkpoint directory is used in place (local
+2. the card's `uri` (see `zoo.io.hub.resolve`): a checkpoint directory is used in place (local
    path, `file://`, an `hf://` snapshot); a `.tar` / `.tar.gz` archive of a checkpoint directory
    (local or `https://`, where the card's `sha256` is the archive's) is unpacked atomically into
    the install location;
 3. otherwise a card with a `recipe` is not built yet, and the error names the `zoo build` command.
 
-An installed checkpoint is a zoo checkpoint directory (`zoo.checkpoint`): `config.json` holds
-`{"model": ModelConfig.to_dict(), ...}`, the weights are safetensors, `tokenizer/*` holds the
-tokenizer, `README.md` is the model card (with measured metrics), and `manifest.json` has the
-sha256 of every file. Loading verifies the whole manifest first and never unpickles.
-
-The model library never imports the training code at import time: `build` imports
-`zoo.pipelines` inside the function.
+An installed checkpoint is a model directory (`zoo.io.model_dir`) whose `README.md` is the model
+card with the measured metrics.
 """
 
 from __future__ import annotations
@@ -28,24 +23,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from zoo.checkpoint import (
-    MANIFEST_NAME,
-    CheckpointError,
-    atomic_directory_write,
-    load_checkpoint,
-    load_weights_into,
-    read_manifest,
-    verify_checkpoint,
-    write_manifest,
-)
-from zoo.hub import resolve, zoo_home
-from zoo.registry import Metric, ModelCard, Registry, RegistryError, _split_front_matter, get_card
+from zoo.catalog.cards import CatalogError, Metric, ModelCard, join_front_matter, split_front_matter
+from zoo.io.checkpoint import MANIFEST_NAME, atomic_directory_write, read_manifest, verify_checkpoint, write_manifest
+from zoo.io.hub import resolve, zoo_home
 
 CARD_FILE = "README.md"
-TOKENIZER_DIR = "tokenizer"
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
@@ -105,10 +87,10 @@ def render_card(card: ModelCard, metrics: Sequence[Metric] | Mapping[str, Mappin
     """
     if card.path is None:
         raise LoadError(f"card {card.ref} has no file to render")
-    data, body = _split_front_matter(card.path.read_text(encoding="utf-8"), str(card.path))
+    data, body = split_front_matter(card.path.read_text(encoding="utf-8"), str(card.path))
     if metrics is not None:
         data["metrics"] = _metric_dicts(metrics)
-    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n" + body
+    return join_front_matter(data, body)
 
 
 def read_card(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -117,8 +99,8 @@ def read_card(directory: str | os.PathLike) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data, _ = _split_front_matter(path.read_text(encoding="utf-8"), str(path))
-    except RegistryError:
+        data, _ = split_front_matter(path.read_text(encoding="utf-8"), str(path))
+    except CatalogError:
         return None
     return data
 
@@ -193,9 +175,9 @@ def set_card_metrics(directory: str | os.PathLike, metrics: Sequence[Metric] | M
     path = directory / CARD_FILE
     if not path.is_file():
         raise LoadError(f"checkpoint {str(directory)!r} has no {CARD_FILE} card to write metrics into")
-    data, body = _split_front_matter(path.read_text(encoding="utf-8"), str(path))
+    data, body = split_front_matter(path.read_text(encoding="utf-8"), str(path))
     data["metrics"] = _metric_dicts(metrics)
-    text = ("---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n" + body).encode("utf-8")
+    text = join_front_matter(data, body).encode("utf-8")
     return atomic_directory_write(directory, lambda tmp: _copy_checkpoint(directory, tmp, {CARD_FILE: text}), overwrite=True)
 
 
@@ -246,7 +228,7 @@ def locate(card: ModelCard) -> Path:
 
     Raises:
         NotBuiltError: the card is built by a recipe and is not installed; names the command.
-        LoadError / zoo.hub.HubError: the uri cannot be resolved or is not a checkpoint.
+        LoadError / zoo.io.hub.HubError: the uri cannot be resolved or is not a checkpoint.
     """
     installed = install_dir(card)
     if (installed / MANIFEST_NAME).is_file():
@@ -267,173 +249,20 @@ def locate(card: ModelCard) -> Path:
         )
     if card.recipe is not None:
         raise NotBuiltError(
-            f"{card.ref} is not built yet (no checkpoint at {str(installed)!r}); build it with:\n"
-            f"    {build_command(card)}\n"
-            f"which runs the recipe {card.recipe} and installs its output {card.output!r}"
+            f"{card.ref} is not built yet (no checkpoint at {str(installed)!r}); build it with "
+            f"`{build_command(card)}`, which runs the recipe {card.recipe} and installs its output {card.output!r}"
         )
     raise LoadError(f"{card.ref}: the card has neither a 'uri' nor a 'recipe'")
 
 
-# --- rebuilding the model -----------------------------------------------------------------------
-
-
-def load_directory(
-    directory: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    card: ModelCard | None = None,
-):
-    """Load a `MultimodalMoE` and its processor from a zoo checkpoint directory (verified).
-
-    Args:
-        directory: a checkpoint whose `config.json` has `{"model": ModelConfig dict}` and whose
-            extra files include `tokenizer/*`.
-        device: where to put the model.
-        dtype: cast the model to this dtype; by default the saved dtype (bit-exact weights).
-        card: when given, a card inside the checkpoint must name the same model and version.
-
-    Returns:
-        `(model, processor, model_config)`: the model in eval mode, its `MultimodalProcessor`,
-        and the `ModelConfig`.
-    """
-    from zoo.model import model_from_checkpoint_config
-    from zoo.processor import MultimodalProcessor
-    from zoo.tokenizer import load_tokenizer
-
-    root = Path(directory)
-    state, config, paths = load_checkpoint(root)
-    if not isinstance(config.get("model"), dict):
-        raise CheckpointError(
-            f"checkpoint {str(root)!r}: config.json has no 'model' entry (a ModelConfig); zoo.load reads "
-            "multimodal checkpoints such as the recipe outputs (for a bare MoECausalLM use zoo.checkpoint.load_moe_lm)"
-        )
-    inner = read_card(root)
-    if card is not None and inner is not None:
-        if inner.get("name") != card.name or str(inner.get("version")) != str(card.version):
-            raise LoadError(
-                f"{str(root)!r} holds {inner.get('name')}@{inner.get('version')}, not {card.ref}; "
-                f"rebuild it with `{build_command(card)} --force`"
-            )
-    # Every weight comes from the checkpoint: configured pretrained files are never read.
-    model, cfg = model_from_checkpoint_config(config)
-    floating = {t.dtype for t in state.values() if t.is_floating_point()}
-    if len(floating) == 1:
-        model = model.to(dtype=floating.pop())
-    model = load_weights_into(model, state, root, device=device, dtype=dtype)
-    if not any(rel.startswith(TOKENIZER_DIR + "/") for rel in paths):
-        raise CheckpointError(f"checkpoint {str(root)!r} has no {TOKENIZER_DIR}/ files; it cannot make a processor")
-    processor = MultimodalProcessor.from_model(model, load_tokenizer(root / TOKENIZER_DIR))
-    return model.eval(), processor, cfg
-
-
-def load(
-    name: str,
-    version: str | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    cards_dir: str | os.PathLike | None = None,
-):
-    """Load a registered model and its processor.
-
-    Args:
-        name: a model name (or `name@version-request`).
-        version: None (newest release), an exact version "1.2.0", or a range "^1.0" / "~1.2".
-        device: where to put the model.
-        dtype: cast to this dtype (default: the saved one).
-        cards_dir: the cards directory (default: `zoo.registry.default_cards_dir()`).
-
-    Returns:
-        `(model, processor)`: a `MultimodalMoE` in eval mode and its `MultimodalProcessor`.
-
-    Raises:
-        zoo.registry.RegistryError: unknown name or no version satisfies `version`.
-        NotBuiltError: the card is built by a recipe that has not run; the message names the command.
-        zoo.checkpoint.CheckpointError: a file is missing, truncated or corrupted (named).
-        zoo.hub.HubError: the uri cannot be fetched or its sha256 differs.
-    """
-    card = get_card(name, version, cards_dir=cards_dir)
-    path = locate(card)
-    try:
-        model, processor, _ = load_directory(path, device=device, dtype=dtype, card=card)
-    except CheckpointError as e:
-        fix = (f"rebuild it with `{build_command(card)} --force`" if card.recipe and path == install_dir(card)
-               else f"remove {str(path)!r} so that it is fetched again" if path == install_dir(card)
-               else "fix or replace that directory")
-        raise CheckpointError(f"{card.ref}: {e}; {fix}") from e
-    return model, processor
-
-
-# --- building -----------------------------------------------------------------------------------
-
-
-def build(
-    name: str,
-    version: str | None = None,
-    *,
-    force: bool = False,
-    resume: bool = False,
-    cards_dir: str | os.PathLike | None = None,
-    run_dir: str | os.PathLike | None = None,
-) -> dict[str, Path]:
-    """Run a card's recipe into the cache and install its output (and its siblings').
-
-    Every card naming the same recipe file has its output installed from the same run, so one
-    `zoo build` of the tiny zoo installs all of it.
-
-    Args:
-        name: model name (or `name@version-request`).
-        version: version request.
-        force: re-run the recipe and replace installed copies even if already built.
-        resume: continue the recipe's stages from their newest training checkpoints.
-        cards_dir: the cards directory.
-        run_dir: the recipe's run directory (default `$ZOO_HOME/runs/<recipe file stem>`).
-
-    Returns:
-        `name@version` -> installed directory, for every card installed (just the requested
-        one when it was already built and `force` is off).
-    """
-    registry = Registry.from_dir(cards_dir)
-    card = registry.get(name, version)
-    if card.recipe is None:
-        raise LoadError(f"{card.ref} has no recipe to build it; it is fetched from {card.uri} by zoo.load / `zoo load`")
-    if is_installed(card) and not force:
-        return {card.ref: install_dir(card)}
-    recipe_path = card.resolve_path(card.recipe)
-    if not recipe_path.is_file():
-        raise LoadError(f"{card.ref}: its recipe {card.recipe!r} does not exist (looked at {str(recipe_path)!r})")
-
-    from zoo.pipelines.runner import run_recipe  # training code: imported here only
-    from zoo.pipelines.stages import RecipeConfig
-
-    recipe = RecipeConfig.load(recipe_path)
-    names = recipe.outputs()
-    if card.output not in names:
-        raise LoadError(f"{card.ref}: output {card.output!r} is not one the recipe {card.recipe} writes: {names}")
-    run_dir = Path(run_dir) if run_dir is not None else zoo_home() / "runs" / recipe_path.stem
-    outputs = run_recipe(recipe, run_dir, resume=resume)
-    siblings = [c for n in registry.names() for c in registry.list(n, all_versions=True)
-                if c.recipe is not None and c.resolve_path(c.recipe).resolve() == recipe_path.resolve()]
-    installed = {}
-    for sib in siblings:
-        if sib.output in outputs:  # the run just retrained it: replace any older install
-            installed[sib.ref] = install(sib, outputs[sib.output], overwrite=True)
-    if card.ref not in installed:
-        raise LoadError(f"{card.ref}: the recipe run returned {sorted(outputs)}, without {card.output!r}")
-    return installed
-
-
 __all__ = [
+    "CARD_FILE",
     "LoadError",
     "NotBuiltError",
-    "build",
     "build_command",
     "install",
     "install_dir",
     "is_installed",
-    "load",
-    "load_directory",
     "locate",
     "models_dir",
     "read_card",

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.checkpoint import fsync_dir, sha256_file
+from zoo.io.checkpoint import fsync_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,131 @@
+"""The installed `zoo` command: the library's `list | load | export | publish` plus `build | train | eval`.
+
+    zoo build NAME[@VERSION] [--force] [--resume]
+    zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed] ...
+    zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
+
+RECIPE is a recipe file or the name of a shipped one (`tiny-zoo`, `micro`). CHECKPOINT is a model
+directory (a recipe output, an installed checkpoint) or a card name. Bad input ends with one line
+`zoo: error: <cause>` and status 1; `ZOO_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from zoo.cli import ERRORS as LIBRARY_ERRORS
+from zoo.cli import make_parser, run_cli
+from zoo.pipelines.data.shards import CorruptShardError
+from zoo.pipelines.engine import NonFiniteError
+
+# What bad input raises on the training side too: a corrupt shard, a NaN loss, a missing key.
+ERRORS = (*LIBRARY_ERRORS, CorruptShardError, NonFiniteError, KeyError)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from zoo.catalog.cards import Catalog
+    from zoo.catalog.install import install_dir, is_installed
+    from zoo.pipelines.build import build
+
+    card = Catalog.from_dir(args.cards_dir).get(args.name, args.version)
+    if is_installed(card) and not args.force:
+        print(f"{card.ref} is already built at {install_dir(card)} (pass --force to rebuild)")
+        return 0
+    installed = build(card.name, str(card.version), force=args.force, resume=args.resume, cards_dir=args.cards_dir)
+    for ref, path in installed.items():
+        print(f"installed {ref} at {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from zoo.io.hub import zoo_home
+    from zoo.pipelines.engine import EngineSpec
+    from zoo.pipelines.runner import run_recipe
+    from zoo.pipelines.stages import RecipeConfig
+
+    recipe = RecipeConfig.load(args.recipe)
+    out = Path(args.out) if args.out else zoo_home() / "runs" / recipe.name
+    outputs = run_recipe(recipe, out, only=args.stage, resume=args.resume, data_dir=args.data_dir,
+                         engine=EngineSpec(args.engine, args.ds_config, args.ep_size))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+    return 0
+
+
+def _checkpoint_dir(target: str, cards_dir) -> tuple[Path, Path | None]:
+    """(model directory, default data directory) for a directory or a card name."""
+    path = Path(target)
+    if path.is_dir():
+        return path, None
+    from zoo.catalog.cards import Catalog
+    from zoo.catalog.install import locate
+    from zoo.io.hub import zoo_home
+
+    card = Catalog.from_dir(cards_dir).get(target)
+    data = zoo_home() / "runs" / Path(card.recipe).stem / "data" if card.recipe else None
+    return locate(card), data if data is not None and data.is_dir() else None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.pipelines.eval import evaluate_checkpoint
+
+    checkpoint, data = _checkpoint_dir(args.checkpoint, args.cards_dir)
+    for r in evaluate_checkpoint(checkpoint, args.family, data_dir=args.data or data, split=args.split, limit=args.limit,
+                                 max_new_tokens=args.max_new_tokens, progress=not args.quiet):
+        print(json.dumps(r))
+    return 0
+
+
+def add_training_commands(sub) -> None:
+    """Add `build`, `train` and `eval` to the `zoo` subparsers."""
+    s = sub.add_parser("build", help="run a card's recipe and install its checkpoint under $ZOO_HOME/models")
+    s.add_argument("name", help="NAME or NAME@VERSION")
+    s.add_argument("--version", help="exact version or range")
+    s.add_argument("--force", action="store_true", help="rebuild even if installed")
+    s.add_argument("--resume", action="store_true", help="continue the recipe's stages from their last checkpoints")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("train", help="run a recipe's stages (all, or --stage ones) into a run directory")
+    s.add_argument("recipe", help="a recipe YAML file or a shipped recipe name (tiny-zoo, micro)")
+    s.add_argument("--out", help="run directory (default: $ZOO_HOME/runs/<recipe name>)")
+    s.add_argument("--stage", action="append", help="run only this stage (repeatable); what it starts from must exist")
+    s.add_argument("--data-dir", help="built data to read (default: OUT/data, built if absent)")
+    s.add_argument("--resume", action="store_true", help="continue stages from their newest checkpoints")
+    s.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    s.add_argument("--ds-config", default="zero2", help="configs/deepspeed/<name>.json or a path (deepspeed engine)")
+    s.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed engine)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="score a checkpoint on task families' held-out splits (greedy generation)")
+    s.add_argument("checkpoint", help="a model directory (recipe output, installed checkpoint) or a card name")
+    s.add_argument("--family", action="append", required=True, help="task family (repeatable)")
+    s.add_argument("--data", help="built data directory (default: the data of the checkpoint's run)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--limit", type=int, default=None, help="score at most this many (scored-kind) samples")
+    s.add_argument("--max-new-tokens", type=int, default=12)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+
+def make_full_parser() -> argparse.ArgumentParser:
+    parser, sub = make_parser()
+    add_training_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `zoo` console script; returns the exit status (0 ok, 1 error, 2 usage)."""
+    return run_cli(make_full_parser(), argv, ERRORS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["ERRORS", "add_training_commands", "main", "make_full_parser"]

@@ -1,0 +1,181 @@
+"""What a stage is: its config in a recipe, the `Stage` contract, the `STAGES` registry, the context it runs in.
+
+A recipe lists stages; each stage is data (`StageConfig`): what trains (parameter-name patterns;
+everything else is frozen and stays bit-identical), its data mix over task families, its loop
+settings, and its kind's options. A stage kind is a class registered in `STAGES` with an options
+dataclass, default trainable patterns, and hooks; the runner (`pipelines/runner.py`) is one loop
+over stages that calls them and never branches on the kind:
+
+    for branch in stage.branches(cfg):          # one output; or one per task family (lora)
+        model, model_cfg = stage.before_training(ctx, model, model_cfg, branch)
+        train(model, patterns = cfg.trains or stage.trainable(model, branch))
+        model, model_cfg, extra, files = stage.after_training(ctx, model, model_cfg, branch)
+        save OUT/<branch.path>/model, evaluated on the test split if `stage.evaluates`
+
+A stage starts from the previous stage's output; a stage that `forks` (one output per family)
+cannot be started from, so a stage after it is an error and a forking stage after another
+forking stage starts from the last non-forking one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from zoo.pipelines.train import TrainConfig
+from zoo.registry import Registry
+
+STAGES: Registry = Registry("stage kind")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe.
+
+    Attributes:
+        name: the stage's name (its output goes to `OUT/<name>/model`).
+        kind: a registered stage kind (`STAGES`).
+        data: task family -> sampling weight.
+        train: loop settings (steps, optimizer, checkpoints).
+        batch_size: samples per micro-batch.
+        trains: parameter-name patterns (fnmatch) that train; None = the kind's default.
+        options: the kind's options (validated against its options dataclass; an unknown key is
+            named with the accepted ones).
+    """
+
+    name: str
+    kind: str
+    data: dict[str, float]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_size: int = 8
+    trains: list[str] | None = None
+    options: Any = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            STAGES.entry(self.kind)
+            if isinstance(self.train, dict):
+                self.train = TrainConfig.from_dict(self.train)
+            self.options = STAGES.options(self.kind, self.options)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"stage {self.name!r}: {e}") from None
+        if not self.data:
+            raise ValueError(f"stage {self.name!r}: `data` must name at least one task family")
+
+    def stage(self) -> Stage:
+        """The stage object of this config's kind, holding its options."""
+        return STAGES.build(self.kind, self.options)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One output of a stage: its name, its data mix, and where it is written (relative to OUT).
+
+    Attributes:
+        output: the output's name (`<stage>`, or `<stage>-<family>`).
+        data: task family -> weight for this output's training.
+        path: its directory relative to the run directory (`<stage>` or `<stage>/<family>`).
+        title: progress-bar and plot title.
+        family: the task family of a per-family output, else None.
+    """
+
+    output: str
+    data: dict[str, float]
+    path: str
+    title: str
+    family: str | None = None
+
+
+def single_branch(cfg: StageConfig) -> list[Branch]:
+    """The one output of a stage that does not fork."""
+    return [Branch(cfg.name, dict(cfg.data), cfg.name, cfg.name)]
+
+
+class Stage(Protocol):
+    """What the runner needs from a stage kind (an instance holds the validated `options`).
+
+    Attributes:
+        default_trains: parameter patterns trained when the stage config gives no `trains`.
+        forks: writes one output per task family; later stages cannot start from it.
+        evaluates: score each output on its families' test splits before saving it.
+    """
+
+    options: Any
+    default_trains: ClassVar[list[str]]
+    forks: ClassVar[bool]
+    evaluates: ClassVar[bool]
+
+    def branches(self, cfg: StageConfig) -> list[Branch]: ...
+
+    def before_training(self, ctx: StageContext, model, model_cfg, branch: Branch): ...
+
+    def trainable(self, model, branch: Branch) -> list[str]: ...
+
+    def after_training(self, ctx: StageContext, model, model_cfg, branch: Branch): ...
+
+
+@dataclass
+class StageContext:
+    """What a stage's hooks may read: the recipe, where it runs, the data and the processor.
+
+    Attributes:
+        recipe: the `RecipeConfig`.
+        cfg: this stage's `StageConfig`.
+        index: its position in the recipe.
+        out_dir: the run directory.
+        datasets: task family -> training samples (`.test` beside it).
+        processor: the `MultimodalProcessor`.
+        engine: the `EngineSpec`.
+        resume: continue training from the newest checkpoints.
+        start_dir: the checkpoint this stage started from (None for the first stage).
+    """
+
+    recipe: Any
+    cfg: StageConfig
+    index: int
+    out_dir: Path
+    datasets: Any
+    processor: Any
+    engine: Any
+    resume: bool = False
+    start_dir: Path | None = None
+
+    @property
+    def seed(self) -> int:
+        """The stage's data-order seed (`recipe.seed + index`)."""
+        return self.recipe.seed + self.index
+
+    @property
+    def feature_dir(self) -> Path:
+        """The run's frozen-encoder feature cache."""
+        return self.out_dir / "features"
+
+    def train(self, model, stage: StageConfig, out: Path, name: str):
+        """Train `model` as `stage` says (its `trains`, data, batch size, loop): see `runner.train_model`."""
+        from zoo.pipelines.runner import train_model
+
+        return train_model(self, model, stage, out, name)
+
+
+def keep(self, ctx: StageContext, model, model_cfg, branch: Branch):
+    """A `before_training` hook that changes nothing."""
+    return model, model_cfg
+
+
+def nothing_after(self, ctx: StageContext, model, model_cfg, branch: Branch):
+    """An `after_training` hook that adds nothing to the output."""
+    return model, model_cfg, {}, {}
+
+
+def default_trainable(self, model, branch: Branch) -> list[str]:
+    """A `trainable` hook: the kind's `default_trains`."""
+    return list(self.default_trains)
+
+
+@dataclass
+class NoOptions:
+    """Options of a stage kind that has none."""
+
+
+__all__ = ["NoOptions", "default_trainable", "keep", "nothing_after", "Branch", "STAGES", "Stage", "StageConfig", "StageContext", "single_branch"]

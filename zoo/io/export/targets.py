@@ -1,0 +1,147 @@
+"""One adapter per transformers MoE class (`HF_TARGETS`): when it can hold a model, its config, its keys.
+
+Each target has `reasons(model, info) -> [why not]`, `config(model, info) -> transformers config`
+and `state_dict(model, info) -> {transformers key: tensor}` (torchtitan's `StateDictAdapter.to_hf`),
+so adding a target is one class here, not edits across the exporter.
+
+- `mixtral` (`MixtralForCausalLM`): every decoder layer is MoE, no shared expert, renormalized
+  top-k (`norm_topk_prob=True`), attention without biases (Llama/Mistral base).
+- `qwen2_moe` (`Qwen2MoeForCausalLM`): everything else it can hold: shared experts gated by a
+  sigmoid, top-k with or without renormalization, MoE in only some layers (`mlp_only_layers`),
+  q/k/v biases (Qwen2 base) or none. A model without a shared expert gets a zero-width one, which
+  adds exactly 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from zoo.io.export.inspect import MoEInfo, head_dim
+from zoo.models.lm import MoECausalLM
+from zoo.registry import Registry
+
+HF_TARGETS: Registry = Registry("export target")
+
+# Fields copied unchanged from the base LM config to either target config.
+COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "tie_word_embeddings",
+    "attention_dropout", "rope_parameters", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+
+
+def _common(model: MoECausalLM) -> dict[str, Any]:
+    src = model.lm.config
+    common = {k: getattr(src, k) for k in COMMON_FIELDS if hasattr(src, k)}
+    common["hidden_act"] = "silu"
+    return common
+
+
+def _moe_keys(model: MoECausalLM) -> dict[str, torch.Tensor]:
+    """zoo keys inside `MoECausalLM.lm` -> transformers MoE keys (router -> `mlp.gate`)."""
+    return {k.replace(".mlp.moe.router.", ".mlp.gate.").replace(".mlp.moe.", ".mlp."): v
+            for k, v in model.lm.state_dict().items()}
+
+
+@HF_TARGETS.register("mixtral")
+class Mixtral:
+    """`MixtralForCausalLM`."""
+
+    hf_class = "MixtralForCausalLM"
+
+    def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
+        out = list(info.blockers)
+        if info.dense_layers:
+            out.append(f"Mixtral needs every layer MoE; layers {info.dense_layers} are dense")
+        if info.shared_size:
+            out.append("Mixtral has no shared expert")
+        if not info.norm_topk_prob:
+            out.append("Mixtral always renormalizes the top-k weights (norm_topk_prob=False here)")
+        if info.bias != "none":
+            out.append(f"Mixtral attention has no biases (this model: {info.bias})")
+        return out
+
+    def config(self, model: MoECausalLM, info: MoEInfo):
+        from transformers import MixtralConfig
+
+        src = model.lm.config
+        return MixtralConfig(
+            **_common(model),
+            head_dim=head_dim(src),
+            intermediate_size=info.expert_size,
+            num_local_experts=info.num_experts,
+            num_experts_per_tok=info.top_k,
+            router_aux_loss_coef=info.aux_loss_coef,
+            router_jitter_noise=info.jitter_noise,
+            sliding_window=getattr(src, "sliding_window", None),
+        )
+
+    def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
+        return _moe_keys(model)
+
+    @staticmethod
+    def optional_key(key: str, info: MoEInfo) -> bool:
+        """Keys the transformers model has that the export may leave out: none."""
+        return False
+
+
+@HF_TARGETS.register("qwen2_moe")
+class Qwen2Moe:
+    """`Qwen2MoeForCausalLM`."""
+
+    hf_class = "Qwen2MoeForCausalLM"
+
+    def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
+        cfg = model.lm.config
+        out = list(info.blockers)
+        if info.shared_without_gate:
+            out.append("Qwen2-MoE gates its shared expert with sigmoid(shared_expert_gate); this one has no gate")
+        if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+            out.append(f"Qwen2-MoE derives head_dim from hidden_size/heads; this model uses head_dim={head_dim(cfg)}")
+        if getattr(cfg, "sliding_window", None) is not None and cfg.model_type == "llama":
+            out.append("unexpected sliding_window on a Llama config")
+        return out
+
+    def config(self, model: MoECausalLM, info: MoEInfo):
+        from transformers import Qwen2MoeConfig
+
+        src = model.lm.config
+        window: dict[str, Any] = {}
+        if src.model_type == "qwen2":
+            window = {k: getattr(src, k) for k in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")}
+        elif getattr(src, "sliding_window", None) is not None:  # Mistral: every layer slides
+            window = {"use_sliding_window": True, "sliding_window": src.sliding_window, "max_window_layers": 0,
+                      "layer_types": ["sliding_attention"] * info.num_layers}
+        return Qwen2MoeConfig(
+            **_common(model),
+            **window,
+            intermediate_size=info.dense_size,
+            moe_intermediate_size=info.expert_size,
+            shared_expert_intermediate_size=info.shared_size,
+            num_experts=info.num_experts,
+            num_experts_per_tok=info.top_k,
+            norm_topk_prob=info.norm_topk_prob,
+            router_aux_loss_coef=info.aux_loss_coef,
+            decoder_sparse_step=1,
+            mlp_only_layers=info.dense_layers,
+            qkv_bias=info.bias == "qkv",
+        )
+
+    def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
+        state = _moe_keys(model)
+        if info.shared_size == 0:  # zero-width shared expert: its gate is a zero row, it adds exactly 0
+            param = next(model.parameters())
+            for i in info.moe_layers:
+                state[f"model.layers.{i}.mlp.shared_expert_gate.weight"] = torch.zeros(
+                    1, model.lm.config.hidden_size, dtype=param.dtype, device=param.device)
+        return state
+
+    @staticmethod
+    def optional_key(key: str, info: MoEInfo) -> bool:
+        """Keys the transformers model has that the export may leave out (the zero-width shared expert)."""
+        return info.shared_size == 0 and ".mlp.shared_expert." in key
+
+
+__all__ = ["COMMON_FIELDS", "HF_TARGETS", "Mixtral", "Qwen2Moe"]

@@ -1,0 +1,28 @@
+"""Models: the LM wrapper, the multimodal model, placeholder splicing, configs and builders."""
+
+from zoo.models.builders import build_encoder, build_language_model, build_model, model_for_checkpoint
+from zoo.models.config import AdapterConfig, ConnectorConfig, EncoderConfig, LMConfig, MODALITIES, ModelConfig
+from zoo.models.lm import IGNORE_INDEX, MoEBlock, MoECausalLM, MoECausalLMOutput, decoder_layers
+from zoo.models.multimodal import MultimodalMoE, MultimodalOutput
+from zoo.models.splicing import SplicedInputs
+
+__all__ = [
+    "AdapterConfig",
+    "ConnectorConfig",
+    "EncoderConfig",
+    "IGNORE_INDEX",
+    "LMConfig",
+    "MODALITIES",
+    "ModelConfig",
+    "MoEBlock",
+    "MoECausalLM",
+    "MoECausalLMOutput",
+    "MultimodalMoE",
+    "MultimodalOutput",
+    "SplicedInputs",
+    "build_encoder",
+    "build_language_model",
+    "build_model",
+    "decoder_layers",
+    "model_for_checkpoint",
+]

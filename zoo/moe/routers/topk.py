@@ -1,0 +1,113 @@
+"""Top-k softmax routing (Mixtral and Qwen2-MoE conventions).
+
+Shazeer et al. 2017 ("Outrageously Large Neural Networks"), as used by Mixtral (Jiang et al. 2024)
+and Qwen2-MoE: softmax over all experts in float32, keep the k largest, and (Mixtral) renormalize
+them to sum to 1. Matches transformers' `MixtralSparseMoeBlock` / `Qwen2MoeSparseMoeBlock` router
+exactly (outputs, logits, gradients; tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.moe.losses import load_balancing_loss, router_z_loss
+from zoo.moe.routers.base import ROUTERS, RouterOutput
+
+
+@dataclass
+class TopKOptions:
+    """Options of the `topk` router.
+
+    Attributes:
+        top_k: k, experts per token (1 <= k <= E).
+        norm_topk_prob: renormalize the k chosen probabilities (Mixtral: True; Qwen2-MoE: optional).
+            Upcycling reproduces the dense model at init only when True.
+        jitter_noise: in training, multiply router inputs by U(1 - eps, 1 + eps) (Mixtral).
+    """
+
+    top_k: int = 2
+    norm_topk_prob: bool = True
+    jitter_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1")
+        if not self.jitter_noise >= 0:
+            raise ValueError(f"jitter_noise={self.jitter_noise!r} must be >= 0")
+
+    def validate_for(self, num_experts: int) -> None:
+        if self.top_k > num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={num_experts}")
+
+
+@ROUTERS.register("topk", options=TopKOptions)
+class TopKRouter(nn.Module):
+    """Softmax over all experts, then top-k.
+
+    Args:
+        hidden_size: token state size d.
+        num_experts: E.
+        top_k: k, 1 <= k <= E.
+        norm_topk_prob: renormalize the k chosen probabilities.
+        jitter_noise: in training, multiply inputs by U(1 - eps, 1 + eps) noise (Mixtral).
+
+    Losses: `balance` (Switch/Mixtral load balancing over the top-k choices, default weight 0.01) and
+    `z` (ST-MoE router z-loss, default weight 0).
+    """
+
+    default_loss_coefs = {"balance": 0.01, "z": 0.0}
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        norm_topk_prob: bool = True,
+        jitter_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        TopKOptions(top_k, norm_topk_prob, jitter_noise).validate_for(num_experts)
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.jitter_noise = jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Router weights ~ N(0, std^2) (upcycling passes the LM's `initializer_range`)."""
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens.
+
+        Args:
+            x: token states `[T, d]`.
+
+        Returns:
+            RouterOutput with logits `[T, E]`, weights `[T, k]` (float32), indices `[T, k]`.
+        """
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits = F.linear(x, self.weight)  # [T, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, weights, indices)
+
+    def aux_losses(self, output: RouterOutput, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`balance` (over this router's k) and `z`, pure functions of `output`."""
+        return {"balance": load_balancing_loss(output.logits, self.top_k, mask), "z": router_z_loss(output.logits, mask)}
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"norm_topk_prob={self.norm_topk_prob}, jitter_noise={self.jitter_noise}"
+        )
