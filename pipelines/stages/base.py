@@ -178,4 +178,26 @@ class NoOptions:
     """Options of a stage kind that has none."""
 
 
-__all__ = ["NoOptions", "default_trainable", "keep", "nothing_after", "Branch", "STAGES", "Stage", "StageConfig", "StageContext", "single_branch"]
+def train_only_stage(default_trains: list[str], doc: str) -> type:
+    """A stage kind with no options and no hooks: it trains `default_trains` on its data mix."""
+
+    class TrainOnly:
+        __doc__ = doc
+        forks = False
+        evaluates = False
+
+        def __init__(self) -> None:
+            self.options = NoOptions()
+
+        def branches(self, cfg):
+            return single_branch(cfg)
+
+        before_training = keep
+        trainable = default_trainable
+        after_training = nothing_after
+
+    TrainOnly.default_trains = list(default_trains)
+    return TrainOnly
+
+
+__all__ = ["NoOptions", "default_trainable", "keep", "nothing_after", "train_only_stage", "Branch", "STAGES", "Stage", "StageConfig", "StageContext", "single_branch"]

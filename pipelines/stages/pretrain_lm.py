@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-from zoo.pipelines.stages.base import STAGES, NoOptions, default_trainable, keep, nothing_after, single_branch
+from zoo.pipelines.stages.base import STAGES, NoOptions, train_only_stage
 
-
-@STAGES.register("pretrain-lm", options=NoOptions)
-class PretrainLM:
-    """Next-token training of the language model alone; encoders and connectors stay frozen."""
-
-    default_trains = ["language_model.*"]
-    forks = False
-    evaluates = False
-
-    def __init__(self) -> None:
-        self.options = NoOptions()
-
-    def branches(self, cfg):
-        return single_branch(cfg)
-
-    before_training = keep
-    trainable = default_trainable
-    after_training = nothing_after
+PretrainLM = STAGES.register("pretrain-lm", options=NoOptions)(train_only_stage(
+    ["language_model.*"], "Next-token training of the language model alone; encoders and connectors stay frozen."))
