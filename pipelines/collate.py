@@ -34,7 +34,8 @@ def decode_media(kind: str, data: bytes):
 
 
 def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
-            feature_caches: Mapping[str, FeatureCache] | None = None) -> dict[str, torch.Tensor]:
+            feature_caches: Mapping[str, FeatureCache] | None = None,
+            sample_types: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Process samples into one batch; the loss is taken on answer tokens only.
 
     Args:
@@ -45,6 +46,8 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
         feature_caches: modality -> cache of its frozen encoder's features; that modality's
             media then reach the model as `encoder_features` (the encoder never runs twice on
             the same media).
+        sample_types: task family -> sample type id; adds `sample_types [B]` (LoRAMoE's
+            localized balancing reads them through the routers' context).
 
     Returns:
         `input_ids`, `attention_mask` `[B, S]`, `labels` `[B, S]` (IGNORE_INDEX on prompt and padding),
@@ -68,6 +71,11 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
         batch["labels"] = labels
     if cached:
         batch["encoder_features"] = {k: torch.stack(c.encode(items[k])) for k, c in cached.items()}
+    if sample_types is not None:
+        missing = sorted({s.task_family for s in samples} - set(sample_types))
+        if missing:
+            raise ValueError(f"sample_types has no type for task famil{'y' if len(missing) == 1 else 'ies'} {missing}")
+        batch["sample_types"] = torch.tensor([sample_types[s.task_family] for s in samples])
     return batch
 
 
@@ -103,10 +111,13 @@ class MixedBatches:
         processor: a `MultimodalProcessor`.
         batch_size: samples per micro-batch.
         seed: base seed.
+        feature_caches: see `collate`.
+        sample_types: see `collate`.
     """
 
     def __init__(self, datasets: Mapping[str, Sequence[Sample]], weights: Mapping[str, float], processor,
-                 batch_size: int, seed: int = 0, feature_caches: Mapping[str, FeatureCache] | None = None) -> None:
+                 batch_size: int, seed: int = 0, feature_caches: Mapping[str, FeatureCache] | None = None,
+                 sample_types: Mapping[str, int] | None = None) -> None:
         missing = sorted(f for f in weights if not datasets.get(f))
         if missing:
             raise ValueError(f"no training samples for task famil{'y' if len(missing) == 1 else 'ies'} {missing}; "
@@ -120,6 +131,7 @@ class MixedBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.feature_caches = dict(feature_caches or {})
+        self.sample_types = dict(sample_types) if sample_types is not None else None
 
     def samples_at(self, index: int) -> list[Sample]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -131,4 +143,5 @@ class MixedBatches:
         return out
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
-        return collate(self.samples_at(index), self.processor, feature_caches=self.feature_caches)
+        return collate(self.samples_at(index), self.processor, feature_caches=self.feature_caches,
+                       sample_types=self.sample_types)

@@ -56,7 +56,8 @@ def train_model(ctx: StageContext, model, stage: StageConfig, out: Path, name: s
     """
     trainable = set_trainable(model, stage.trains)
     caches = frozen_encoder_caches(model, ctx.processor, ctx.feature_dir)
-    mixed = MixedBatches(ctx.datasets, stage.data, ctx.processor, stage.batch_size, ctx.seed, feature_caches=caches)
+    mixed = MixedBatches(ctx.datasets, stage.data, ctx.processor, stage.batch_size, ctx.seed, feature_caches=caches,
+                         sample_types=stage.sample_types)
     engine, batches, ep_size = make_engine(ctx.engine, model, stage.train.optim, stage.train.steps, mixed)
     result = train(engine, batches, stage.train, out, resume=ctx.resume, name=name)
     if ep_size > 1:

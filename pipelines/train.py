@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from zoo.config import config_from_dict
 from zoo.models.lm import IGNORE_INDEX
+from zoo.moe.trainer_hooks import capture_router_inputs, schedule_routers, update_routers
 from zoo.pipelines.engine import Engine, NonFiniteError
 from zoo.pipelines.optim import OptimConfig
 
@@ -86,7 +87,8 @@ def checkpoints(out_dir: Path) -> list[Path]:
 def _routing_metrics(routing) -> dict[str, Any]:
     return {
         str(s.layer): {"load": [round(v, 6) for v in s.load.tolist()], "entropy": round(s.entropy.item(), 6),
-                       "experts_per_token": round(s.experts_per_token.item(), 4)}
+                       "experts_per_token": round(s.experts_per_token.item(), 4),
+                       "flops_saved": round(s.flops_saved.item(), 4)}
         for s in routing or []
     }
 
@@ -166,24 +168,12 @@ def train(
             sums: dict[str, float] = {}
             tokens = 0
             result = None
-            for micro in range(accum):
-                batch = batch_at(step * accum + micro)
-                with engine.autocast():
-                    out = engine.model(**batch)
-                if not torch.isfinite(out.loss):
-                    raise NonFiniteError(
-                        f"{name}: loss is {out.loss.item()} at step {step} (micro-batch {micro}); "
-                        f"last good checkpoint: {last_ckpt or 'none'}"
-                    )
-                engine.backward(out.loss)
-                result = engine.step()
-                values = {k: getattr(out, k, None) for k in ("loss", "lm_loss", "aux_loss")}
-                values.update({f"aux/{k}": v for k, v in (getattr(out, "aux_losses", None) or {}).items()})
-                for key, value in values.items():
-                    if value is not None:
-                        sums[key] = sums.get(key, 0.0) + value.detach().item() / accum
-                labels = batch.get("labels")
-                tokens += int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+            schedule_routers(engine.model, step, cfg.steps)  # trainer-driven router state (SMoE-Dropout's k)
+            with capture_router_inputs(engine.model) as routed:
+                for micro in range(accum):
+                    step_result, tokens, out = _micro_step(engine, batch_at, step, micro, accum, sums, tokens, name, last_ckpt)
+                    result = step_result if step_result is not None else result
+            update_routers(routed)  # after the optimizer step: K-means centroids
             if result is None:
                 raise RuntimeError(f"{type(engine).__name__}.step() made no update at an accumulation boundary")
             loss_value = sums["loss"]
@@ -206,6 +196,33 @@ def train(
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         loss_value = json.loads(lines[-1])["loss"] if lines else float("nan")
     return TrainResult(cfg.steps, loss_value, last_ckpt, metrics_path)
+
+
+def _micro_step(engine: Engine, batch_at, step: int, micro: int, accum: int, sums: dict[str, float], tokens: int,
+                name: str, last_ckpt):
+    """One micro-batch: forward, NaN check, backward, engine step; adds its losses to `sums`.
+
+    Returns:
+        `(engine.step() result, tokens so far, model output)`.
+    """
+    batch = batch_at(step * accum + micro)
+    with engine.autocast():
+        out = engine.model(**batch)
+    if not torch.isfinite(out.loss):
+        raise NonFiniteError(
+            f"{name}: loss is {out.loss.item()} at step {step} (micro-batch {micro}); "
+            f"last good checkpoint: {last_ckpt or 'none'}"
+        )
+    engine.backward(out.loss)
+    result = engine.step()
+    values = {k: getattr(out, k, None) for k in ("loss", "lm_loss", "aux_loss")}
+    values.update({f"aux/{k}": v for k, v in (getattr(out, "aux_losses", None) or {}).items()})
+    for key, value in values.items():
+        if value is not None:
+            sums[key] = sums.get(key, 0.0) + value.detach().item() / accum
+    labels = batch.get("labels")
+    tokens += int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+    return result, tokens, out
 
 
 def _save(engine: Engine, out_dir: Path, step: int, keep: int) -> Path:

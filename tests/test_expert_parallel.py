@@ -34,21 +34,23 @@ class FirstShardRouter(nn.Module):
         self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.randn(E, hidden_size) * 0.1)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         logits = x @ self.weight.t()  # [T, E]
         weights = torch.softmax(logits[:, :2], dim=-1)  # [T, 2]
         indices = torch.tensor([0, 1]).expand(x.shape[0], 2)
         return RouterOutput(logits, weights, indices)
 
-    def aux_losses(self, output, mask=None):
+    def aux_losses(self, output, mask=None, context=None):
         return {}
 
 
 def _layers():
-    """(name, builder) of every registered router, top-1 and top-2, plus the skewed router."""
-    out = []
-    for k in (1, 2):
-        out.append((f"topk-top{k}", lambda k=k: ROUTERS.build("topk", {"top_k": k}, hidden_size=D, num_experts=E)))
+    """(name, builder) of every registered router (its example options), topk at k = 1 and 2, and
+    the skewed router."""
+    out = [(f"topk-top{k}", lambda k=k: ROUTERS.build("topk", {"top_k": k}, hidden_size=D, num_experts=E)) for k in (1, 2)]
+    for name in ROUTERS.names():
+        out.append((name, lambda name=name: ROUTERS.build(name, dict(ROUTERS.entry(name).example), hidden_size=D,
+                                                          num_experts=E)))
     out.append(("first-shard", lambda: FirstShardRouter(D)))
     return out
 
@@ -63,35 +65,36 @@ def _build(router_fn, shared: bool) -> SparseMoE:
 
 
 def _check(rank: int, world: int) -> None:
-    for label, router_fn in _layers():
-        for shared in (False, True):
-            full, ep = _build(router_fn, shared), _build(router_fn, shared)
-            shard_experts(ep)
-            g = torch.Generator().manual_seed(100 + rank)
-            tokens = 5 + 4 * rank  # unequal token counts per rank
-            x = torch.randn(tokens, D, generator=g)
-            dy = torch.randn(tokens, D, generator=g)
+    cases = [(label, fn, shared, counts) for label, fn in _layers() for shared in (False, True)
+             for counts in ((5, 9), (6, 0))]  # unequal token counts; rank 1 with no token at all
+    for label, router_fn, shared, counts in cases:
+        full, ep = _build(router_fn, shared), _build(router_fn, shared)
+        shard_experts(ep)
+        g = torch.Generator().manual_seed(100 + rank)
+        tokens = counts[rank]
+        x = torch.randn(tokens, D, generator=g)
+        dy = torch.randn(tokens, D, generator=g)
 
-            xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-            yf, rf = full(xf)
-            ye, re = ep(xe)
-            (yf * dy).sum().backward()
-            (ye * dy).sum().backward()
-            where = f"[{label}, shared={shared}, rank {rank}]"
-            torch.testing.assert_close(ye, yf, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} output: {m}")
-            torch.testing.assert_close(re.indices, rf.indices, msg=lambda m: f"{where} routing: {m}")
-            torch.testing.assert_close(xe.grad, xf.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} dx: {m}")
-            for (n, pf), pe in zip(full.router.named_parameters(), ep.router.parameters()):
-                torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} router {n}: {m}")
-            lo, hi = ep.experts.expert_offset, ep.experts.expert_offset + ep.experts.num_local_experts
-            for name in ("gate_up_proj", "down_proj"):
-                total = getattr(full.experts, name).grad.clone()
-                dist.all_reduce(total)  # what the other rank's tokens add to this rank's experts
-                got = getattr(ep.experts, name).grad
-                assert got is not None, f"{where} {name} has no gradient"
-                torch.testing.assert_close(got, total[lo:hi], rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} {name}: {m}")
-                assert is_expert_param(getattr(ep.experts, name)) and getattr(ep.experts, name).group_name == "ep_size_2"
-            assert not any(is_expert_param(p) for p in ep.router.parameters())
+        xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, rf = full(xf)
+        ye, re = ep(xe)
+        (yf * dy).sum().backward()
+        (ye * dy).sum().backward()
+        where = f"[{label}, shared={shared}, tokens {counts}, rank {rank}]"
+        torch.testing.assert_close(ye, yf, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} output: {m}")
+        torch.testing.assert_close(re.indices, rf.indices, msg=lambda m: f"{where} routing: {m}")
+        torch.testing.assert_close(xe.grad, xf.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} dx: {m}")
+        for (n, pf), pe in zip(full.router.named_parameters(), ep.router.parameters()):
+            torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} router {n}: {m}")
+        lo, hi = ep.experts.expert_offset, ep.experts.expert_offset + ep.experts.num_local_experts
+        for name in ("gate_up_proj", "down_proj"):
+            total = getattr(full.experts, name).grad.clone()
+            dist.all_reduce(total)  # what the other rank's tokens add to this rank's experts
+            got = getattr(ep.experts, name).grad
+            assert got is not None, f"{where} {name} has no gradient"
+            torch.testing.assert_close(got, total[lo:hi], rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} {name}: {m}")
+            assert is_expert_param(getattr(ep.experts, name)) and getattr(ep.experts, name).group_name == "ep_size_2"
+        assert not any(is_expert_param(p) for p in ep.router.parameters())
 
     # unshard gathers the exact original experts on every rank
     moe = _build(_layers()[0][1], False)

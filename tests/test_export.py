@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,9 @@ def _moe(config_cls, seed: int, lm_kw: dict | None = None, **moe_kw):
     model = upcycle(lm, **moe_kw)
     with torch.no_grad():
         for moe in model.moe_layers().values():
-            moe.router.weight.normal_(std=0.5)
+            for buf in ("weight", "projection"):  # a learned gate, or SMoE-Dropout's fixed one
+                if hasattr(moe.router, buf):
+                    getattr(moe.router, buf).normal_(std=0.5)
             moe.experts.gate_up_proj.add_(0.05 * torch.randn_like(moe.experts.gate_up_proj))
             moe.experts.down_proj.add_(0.05 * torch.randn_like(moe.experts.down_proj))
             if moe.shared_expert is not None:
@@ -165,7 +168,30 @@ def test_parity_check_catches_a_wrong_mapping(tmp_path, monkeypatch):
     # A mapping bug that still loads: expert weights land in the wrong layer.
     swap = lambda k: k.replace("layers.0.mlp.experts", "layers.X").replace(  # noqa: E731
         "layers.1.mlp.experts", "layers.0.mlp.experts").replace("layers.X", "layers.1.mlp.experts")
-    monkeypatch.setattr(targets, "_moe_keys", lambda m: {swap(k): v for k, v in real(m).items()})
+    monkeypatch.setattr(targets, "_moe_keys", lambda m, info: {swap(k): v for k, v in real(m, info).items()})
     with pytest.raises(ExportError, match="disagrees with the zoo model: max \\|logit diff\\|"):
         export_hf(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("router", __import__("zoo.moe", fromlist=["ROUTERS"]).ROUTERS.names())
+def test_every_router_exports_when_it_reduces_to_top_k_and_is_refused_with_the_reason_otherwise(router, tmp_path):
+    from zoo.moe import ROUTERS
+
+    options = dict(ROUTERS.entry(router).example)
+    if router == "null_experts":
+        options = {"top_k": 2, "num_null": 0}  # reduces to top-k; with null experts it is refused below
+    model = _moe(LlamaConfig, 8, None, num_experts=4, router=router, router_options=options)
+    topk, why = model.moe_layers()[0].router.as_topk()
+    if topk is None:
+        with pytest.raises(ExportError, match=f"does not reduce to top-k softmax routing: {re.escape(why)}"):
+            hf_target(model)
+        return
+    out = export_hf(model, tmp_path / "hf")  # checks logits parity against the zoo model
+    assert (out / "config.json").is_file()
+
+
+def test_null_experts_with_null_choices_are_refused_naming_them():
+    model = _moe(LlamaConfig, 9, None, num_experts=4, router="null_experts", router_options={"top_k": 2, "num_null": 2})
+    with pytest.raises(ExportError, match="2 null experts let a token use fewer than top_k=2 experts"):
+        hf_target(model)

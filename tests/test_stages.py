@@ -266,3 +266,56 @@ def test_a_stage_registered_outside_the_package_runs_inside_a_recipe(micro_run, 
     assert lm and all(torch.equal(before[k], after[k]) for k in lm)  # only the connectors trained
     with pytest.raises(ValueError, match=r"stage kind 'scale-connectors': ScaleOptions: unknown config key\(s\) \['factr'\]"):
         StageConfig(name="s", kind=plugin_stage, data={"vqa": 1.0}, options={"factr": 1.0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", __import__("zoo.moe", fromlist=["ROUTERS"]).ROUTERS.names())
+def test_every_router_trains_in_a_moe_tune_stage_and_reloads_through_zoo_load(micro_run, router, tmp_path):
+    import json
+
+    from zoo.catalog import load_directory
+    from zoo.moe import ROUTERS
+
+    _, out, _ = micro_run
+    options = {"moe": {"num_experts": 4, "router": router, "router_options": dict(ROUTERS.entry(router).example),
+                       "layers": "all"}}
+    recipe = RecipeConfig(name=f"micro-{router}", model=RecipeConfig.load(RECIPE).model, tokenizer_vocab=512, stages=[
+        {"name": "moe-tune", "kind": "moe-tune", "data": {"vqa": 1.0, "text": 1.0}, "batch_size": 2,
+         "train": {"steps": 2}, "options": options}])
+    result = run_recipe(recipe, tmp_path / "run", data_dir=out / "data")
+    path = result["moe-tune"]
+    metrics = [json.loads(line) for line in (path.parent / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(0 < r["experts_per_token"] <= 4 for r in metrics[-1]["routing"].values())
+    model, _ = load_model(path)
+    loaded, processor, cfg = load_directory(path)  # what zoo.load runs
+    assert cfg.moe.router == router
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    batch = processor(["<image> what is this?"], images=[torch.rand(3, 40, 40)])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+@pytest.mark.slow
+def test_loramoe_with_localized_balancing_trains_on_the_mix_with_sample_types(micro_run):
+    import json
+
+    recipe, out, outputs = micro_run
+    path = outputs["loramoe"]
+    metrics = [json.loads(line) for line in (path.parent / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["aux/lbc"] > 0 for m in metrics), "the localized balancing constraint reached the loss"
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model"]["adapters"][-1]["kind"] == "loramoe" and "task_family" not in cfg
+    model, _ = load_model(path)  # rebuilt from the config alone: the LoRAMoE experts are modules
+    assert any("lora_A" in n and ".mlp.moe.experts." in n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="stage 'loramoe' starts from 'nope', which is not an earlier stage"):
+        RecipeConfig(name="r", model=recipe.model, stages=[{**_stage_dict(recipe.stage("loramoe")), "start_from": "nope"}])
+
+
+def _stage_dict(stage):
+    import dataclasses
+
+    d = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+    d["options"] = dataclasses.asdict(d["options"])
+    return d

@@ -81,14 +81,17 @@ def test_frozen_parameters_stay_bit_identical_and_experts_update(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+@pytest.mark.parametrize("router", ["topk", "smoe_dropout", "kmeans"])
+def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, router):
+    """Also for trainer-driven router state: SMoE-Dropout's scheduled k and K-means centroids."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    route = ["--router", router]
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path / "whole"), *route], check=True, env=env, capture_output=True)
     whole = losses(tmp_path / "whole" / "metrics.jsonl")
     assert len(whole) == 60
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *route], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -103,7 +106,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     last = checkpoints(out)[-1]
     assert int(last.name.split("-")[1]) <= done_at_kill
 
-    subprocess.run([sys.executable, str(WORKER), str(out), "--resume"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(out), "--resume", *route], check=True, env=env, capture_output=True)
     assert losses(metrics) == whole
 
 

@@ -39,13 +39,13 @@ class ForcedRouter(nn.Module):
         super().__init__()
         self.hidden_size, self.num_experts, self.expert = hidden_size, num_experts, expert
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         t = x.shape[0]
         logits = torch.zeros(t, self.num_experts, dtype=x.dtype)
         logits[:, self.expert] = 1.0
         return RouterOutput(logits, torch.ones(t, 1), torch.full((t, 1), self.expert, dtype=torch.long))
 
-    def aux_losses(self, output, mask=None):
+    def aux_losses(self, output, mask=None, context=None):
         return {}
 
 

@@ -12,9 +12,9 @@ over stages that calls them and never branches on the kind:
         model, model_cfg, extra, files = stage.after_training(ctx, model, model_cfg, branch)
         save OUT/<branch.path>/model, evaluated on the test split if `stage.evaluates`
 
-A stage starts from the previous stage's output; a stage that `forks` (one output per family)
-cannot be started from, so a stage after it is an error and a forking stage after another
-forking stage starts from the last non-forking one.
+A stage starts from the previous stage's output (or the earlier stage its `start_from` names); a
+stage that `forks` (one output per family) cannot be started from, so a stage right after it needs
+`start_from`, and a forking stage after another forking stage starts from the last non-forking one.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class StageConfig:
         trains: parameter-name patterns (fnmatch) that train; None = the kind's default.
         options: the kind's options (validated against its options dataclass; an unknown key is
             named with the accepted ones).
+        sample_types: task family -> sample type id, handed to the routers per token (LoRAMoE's
+            localized balancing: e.g. `{text: 0, vqa: 1}` for world-knowledge vs task samples).
+        start_from: the earlier stage whose output this one starts from (default: the previous
+            one, or for a per-family stage the nearest earlier stage that is not per-family).
     """
 
     name: str
@@ -51,6 +55,8 @@ class StageConfig:
     batch_size: int = 8
     trains: list[str] | None = None
     options: Any = field(default_factory=dict)
+    sample_types: dict[str, int] | None = None
+    start_from: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -62,6 +68,10 @@ class StageConfig:
             raise type(e)(f"stage {self.name!r}: {e}") from None
         if not self.data:
             raise ValueError(f"stage {self.name!r}: `data` must name at least one task family")
+        if self.sample_types is not None:
+            missing = sorted(set(self.data) - set(self.sample_types))
+            if missing:
+                raise ValueError(f"stage {self.name!r}: sample_types has no type for task families {missing}")
 
     def stage(self) -> Stage:
         """The stage object of this config's kind, holding its options."""
@@ -97,13 +107,14 @@ class Stage(Protocol):
 
     Attributes:
         default_trains: parameter patterns trained when the stage config gives no `trains`.
-        forks: writes one output per task family; later stages cannot start from it.
+        forks: writes one output per task family; later stages cannot start from it (may depend
+            on the options).
         evaluates: score each output on its families' test splits before saving it.
     """
 
     options: Any
     default_trains: ClassVar[list[str]]
-    forks: ClassVar[bool]
+    forks: bool
     evaluates: ClassVar[bool]
 
     def branches(self, cfg: StageConfig) -> list[Branch]: ...

@@ -10,7 +10,7 @@ import yaml
 
 from zoo.config import config_from_dict, sub_config
 from zoo.models.config import ModelConfig
-from zoo.pipelines.stages.base import STAGES, StageConfig
+from zoo.pipelines.stages.base import StageConfig
 
 
 @dataclass
@@ -66,12 +66,21 @@ class RecipeConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"recipe {self.name!r}: duplicate stage names in {names}")
+        forks = [s.stage().forks for s in self.stages]
         for i, s in enumerate(self.stages):
-            if i and not STAGES.get(s.kind).forks and STAGES.get(self.stages[i - 1].kind).forks:
+            if s.start_from is not None:
+                earlier = {p.name: f for p, f in zip(self.stages[:i], forks[:i])}
+                if s.start_from not in earlier:
+                    raise ValueError(f"recipe {self.name!r}: stage {s.name!r} starts from {s.start_from!r}, which is not an "
+                                     f"earlier stage (earlier: {list(earlier)})")
+                if earlier[s.start_from]:
+                    raise ValueError(f"recipe {self.name!r}: stage {s.name!r} cannot start from the per-family outputs "
+                                     f"of stage {s.start_from!r}")
+            elif i and not forks[i] and forks[i - 1]:
                 prev = self.stages[i - 1]
                 raise ValueError(
                     f"recipe {self.name!r}: stage {s.name!r} cannot start from the per-family outputs of "
-                    f"{prev.kind} stage {prev.name!r}; put it before {prev.name!r}"
+                    f"{prev.kind} stage {prev.name!r}; put it before {prev.name!r} or give it `start_from:`"
                 )
 
     @classmethod
@@ -102,10 +111,17 @@ class RecipeConfig:
         raise ValueError(f"recipe {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
 
     def start_of(self, index: int) -> StageConfig | None:
-        """The stage whose output stage `index` starts from (None: the model config)."""
-        forks = STAGES.get(self.stages[index].kind).forks
+        """The stage whose output stage `index` starts from (None: the model config).
+
+        Its `start_from` if set; else the previous stage, or for a forking stage the nearest
+        earlier stage that does not fork.
+        """
+        stage = self.stages[index]
+        if stage.start_from is not None:
+            return self.stage(stage.start_from)
+        forks = stage.stage().forks
         for prev in reversed(self.stages[:index]):
-            if not (forks and STAGES.get(prev.kind).forks):
+            if not (forks and prev.stage().forks):
                 return prev
         return None
 

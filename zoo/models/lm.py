@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 
 from zoo.moe.capture import LayerRoutingStats, capture_routing, routing_losses
 from zoo.moe.config import MoEConfig
+from zoo.moe.context import routing_context
 from zoo.moe.layer import SparseMoE
 
 IGNORE_INDEX = -100  # label value that takes no loss (transformers' convention)
@@ -102,17 +103,20 @@ class MoECausalLM(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        token_context: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
         """Run the LM; with `labels`, the loss includes the weighted router losses.
 
         Args:
             input_ids: `[B, S]` (or pass `inputs_embeds=[B, S, d]` in kwargs).
-            attention_mask: `[B, S]`, 1 for real tokens; padding is left out of the aux losses.
+            attention_mask: `[B, S]`, 1 for real tokens; padding is left out of the aux losses and
+                of what cross-token routers (expert choice) may pick.
             labels: `[B, S]`, `IGNORE_INDEX` where no loss is taken; shifted inside transformers.
+            token_context: more per-token tensors `[B, S]` for the routers (`sample_type`, ...).
             **kwargs: passed to the transformers model (`inputs_embeds`, `past_key_values`, ...).
         """
-        with capture_routing(self.lm) as records:
+        with routing_context(self.lm, mask=attention_mask, **(token_context or {})), capture_routing(self.lm) as records:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         routed = routing_losses(records, attention_mask)
         aux = routed.weighted(self.loss_coefs)
@@ -130,5 +134,10 @@ class MoECausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """transformers' `generate` on the wrapped LM (routing needs no loss at inference)."""
-        return self.lm.generate(*args, **kwargs)
+        """transformers' `generate` on the wrapped LM (routing needs no loss at inference).
+
+        The prompt's forward (prefill) gets the padding mask as routing context, so cross-token
+        routers (expert choice) never pick padding; each later step routes its B new tokens alone.
+        """
+        with routing_context(self.lm, mask=kwargs.get("attention_mask")):
+            return self.lm.generate(*args, **kwargs)

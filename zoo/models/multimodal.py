@@ -236,6 +236,7 @@ class MultimodalMoE(nn.Module):
         audio: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         encoder_features: dict[str, torch.Tensor] | None = None,
+        sample_types: torch.Tensor | None = None,
         **lm_kwargs,
     ) -> MultimodalOutput:
         """Splice media into the text and run the LM.
@@ -247,6 +248,8 @@ class MultimodalMoE(nn.Module):
             audio: `[n_clips, n_mels, frames]`.
             labels: `[B, S]`, -100 where no loss is taken (placeholders are masked anyway).
             encoder_features: precomputed frozen-encoder outputs per modality (see `splice`).
+            sample_types: `[B]` int type of each sample (e.g. world-knowledge vs task), handed to
+                the MoE LM's routers per token (LoRAMoE's localized balancing); needs an MoE LM.
             **lm_kwargs: passed to the LM (`use_cache`, ...).
 
         Returns:
@@ -254,6 +257,14 @@ class MultimodalMoE(nn.Module):
         """
         s = self.splice(input_ids, attention_mask, images=images, audio=audio, labels=labels,
                         encoder_features=encoder_features)
+        if sample_types is not None:
+            if not isinstance(self.language_model, MoECausalLM):
+                raise ValueError("MultimodalMoE: sample_types were given but the language model has no MoE layers to use them")
+            if sample_types.shape != (input_ids.shape[0],):
+                raise ValueError(f"MultimodalMoE: sample_types must be [B]={input_ids.shape[0]}, got {tuple(sample_types.shape)}")
+            ids = torch.arange(input_ids.shape[0], device=input_ids.device)
+            lm_kwargs["token_context"] = {"sample_type": sample_types.to(input_ids.device)[:, None].expand_as(s.attention_mask),
+                                          "sample_id": ids[:, None].expand_as(s.attention_mask)}
         out = self.language_model(
             inputs_embeds=s.inputs_embeds,
             attention_mask=s.attention_mask,
@@ -310,7 +321,7 @@ class MultimodalMoE(nn.Module):
         """
         s = self.splice(input_ids, attention_mask, images=images, audio=audio, padding_side="left",
                         encoder_features=encoder_features)
-        return self.hf_model.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **generate_kwargs)
+        return self.language_model.generate(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, **generate_kwargs)
 
 
 __all__ = ["MultimodalMoE", "MultimodalOutput", "SplicedInputs"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,12 +32,14 @@ class RoutingRecord:
         layer: decoder layer index parsed from the path, or call order if there is none.
         output: the router's decision.
         router: the router module that made it (its `aux_losses` turns `output` into losses).
+        context: the call's per-token tensors `[T]` (`mask`, ...), from `zoo.moe.routing_context`.
     """
 
     name: str
     layer: int
     output: RouterOutput
     router: nn.Module
+    context: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -53,12 +55,15 @@ class LayerRoutingStats:
         load: `[E]` fraction of filled assignments per expert over real tokens; sums to 1.
         entropy: scalar, mean router entropy in nats (`log R` = uniform over the R choices).
         experts_per_token: scalar, mean number of experts computed per real token.
+        flops_saved: scalar, the fraction of the router's K slots left empty, i.e. the expert FLOPs
+            saved against filling every slot (for null experts: against plain top-k).
     """
 
     layer: int
     load: torch.Tensor
     entropy: torch.Tensor
     experts_per_token: torch.Tensor
+    flops_saved: torch.Tensor
 
 
 @contextmanager
@@ -69,13 +74,14 @@ def capture_routing(model: nn.Module) -> Iterator[list[RoutingRecord]]:
     def hook_for(name: str):
         match = _LAYER_RE.search(name)
 
-        def hook(module: nn.Module, args, output) -> None:
+        def hook(module: nn.Module, args, kwargs, output) -> None:
             layer = int(match.group(1)) if match else len(records)
-            records.append(RoutingRecord(name, layer, output[1], module.router))
+            records.append(RoutingRecord(name, layer, output[1], module.router, dict(kwargs.get("context") or {})))
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if isinstance(m, SparseMoE)]
+    handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in model.named_modules()
+               if isinstance(m, SparseMoE)]
     try:
         yield records
     finally:
@@ -110,8 +116,8 @@ def routing_losses(records: list[RoutingRecord], mask: torch.Tensor | None = Non
 
     Args:
         records: from `capture_routing`, one per MoE layer call.
-        mask: optional token mask `[B, S]` (1 = real token) matching each layer's T = B*S rows;
-            ignored for a layer whose row count differs.
+        mask: optional token mask `[B, S]` (1 = real token) for records that carry no
+            `context["mask"]`, used where it matches a layer's T = B*S rows.
 
     Returns:
         `RoutingLosses`.
@@ -121,14 +127,18 @@ def routing_losses(records: list[RoutingRecord], mask: torch.Tensor | None = Non
     stats = []
     for r in records:
         logits = r.output.logits
-        m = mask if mask is not None and mask.numel() == logits.shape[0] else None
-        for name, value in r.router.aux_losses(r.output, m).items():
+        m = r.context.get("mask")
+        if m is None and mask is not None and mask.numel() == logits.shape[0]:
+            m = mask
+        for name, value in r.router.aux_losses(r.output, m, r.context).items():
             per_name.setdefault(name, []).append(value)
             defaults.setdefault(name, r.router.default_loss_coefs[name])
         with torch.no_grad():
+            per_token = experts_per_token(r.output.indices, m)
+            slots = max(r.output.indices.shape[1], 1)
             stats.append(LayerRoutingStats(
                 r.layer, load_fraction(r.output.indices, r.num_experts, m), router_entropy(logits, m),
-                experts_per_token(r.output.indices, m),
+                per_token, 1.0 - per_token / slots,
             ))
     losses = {name: torch.stack(values).mean() for name, values in per_name.items()}
     return RoutingLosses(losses, defaults, stats)

@@ -42,11 +42,13 @@ class SparseMoE(nn.Module):
         self.shared_expert = shared_expert
         self.shared_expert_gate = shared_expert_gate
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, context: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """Apply the layer.
 
         Args:
             x: token states `[..., d]` (e.g. `[B, S, d]`); leading dims are flattened to T.
+            context: per-token tensors `[T]` (`mask`: real tokens; see `zoo.moe.context`), usually
+                handed in by `routing_context`.
 
         Returns:
             y: `[..., d]`, same shape and dtype as x.
@@ -59,7 +61,7 @@ class SparseMoE(nn.Module):
             )
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, d]
-        routing = self.router(flat)
+        routing = self.router(flat, mask=(context or {}).get("mask"))
         y = self.experts(flat, routing.weights, routing.indices)  # [T, d]
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)

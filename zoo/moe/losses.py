@@ -103,3 +103,88 @@ def router_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> to
     logp = torch.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(dim=-1)  # [T]
     return _masked_mean(ent, mask)
+
+
+def assignment_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch balance loss over the experts a router actually chose: `E * sum_e f_e * P_e`.
+
+    `f_e` is the mean over real tokens of how many of a token's filled slots chose expert e (so
+    `sum_e f_e` is the mean experts per token) and `P_e` the mean router probability of e. For a
+    fixed top-k router it equals `load_balancing_loss`; for variable-k routers (top-p, ...) it is
+    the same loss over the variable sets.
+
+    Args:
+        probs: `[T, E]` router probabilities (softmax over the E experts).
+        indices: `[T, K]` chosen experts, -1 for empty slots.
+        mask: optional token mask with T elements.
+
+    Returns:
+        scalar float32.
+    """
+    num_experts = probs.shape[-1]
+    f = _assignment_counts(indices, num_experts, mask)  # [E]
+    return num_experts * torch.sum(f * _masked_mean(probs.float(), mask))
+
+
+def tsallis_entropy(probs: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Tsallis entropy `S_q(p) = (1 - sum_i p_i^q) / (q - 1)` of each token's distribution.
+
+    `q -> 1` is the Shannon entropy (nats), used when |q - 1| < 1e-6. Tsallis 1988; DynMoLE uses it
+    to measure router uncertainty.
+
+    Args:
+        probs: `[T, R]` probabilities.
+        q: entropic index, > 0.
+        mask: optional token mask with T elements.
+
+    Returns:
+        scalar float32.
+    """
+    return _masked_mean(tsallis_entropy_per_token(probs, q), mask)
+
+
+def tsallis_entropy_per_token(probs: torch.Tensor, q: float) -> torch.Tensor:
+    """`[T]` Tsallis entropy of each row of `probs [T, R]` (Shannon for q = 1)."""
+    p = probs.float()
+    if abs(q - 1.0) < 1e-6:
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+    return (1.0 - p.pow(q).sum(dim=-1)) / (q - 1.0)
+
+
+def localized_balancing_loss(
+    weights: torch.Tensor,
+    sample_type: torch.Tensor,
+    sample_id: torch.Tensor,
+    expert_group: torch.Tensor,
+    delta: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoRAMoE's localized balancing constraint (Dou et al. 2024, eq. 8-10): `sigma^2(Z) / mu(Z)`.
+
+    `Q[n, m]` is the importance of expert n for sample m (the sum of n's router weights over the
+    sample's real tokens), `I[n, m] = 1 + delta` where expert n's group is sample m's type and
+    `1 - delta` elsewhere, and `Z = I * Q`. The variance is the unbiased one over all entries.
+
+    Args:
+        weights: `[T, E]` soft router weights of every token for every expert.
+        sample_type: `[T]` the type (group index) of each token's sample.
+        sample_id: `[T]` which sample each token belongs to.
+        expert_group: `[E]` the group index of each expert.
+        delta: the imbalance allowed between groups, in [0, 1).
+        mask: optional `[T]` real tokens.
+
+    Returns:
+        scalar float32 (0 when fewer than two entries).
+    """
+    w = weights.float()
+    if mask is not None:
+        w = w * mask.reshape(-1, 1).to(w.dtype)
+    ids, inverse = torch.unique(sample_id.reshape(-1), return_inverse=True)  # M samples
+    q = w.new_zeros(len(ids), w.shape[1]).index_add(0, inverse, w)  # [M, E]
+    types = torch.zeros(len(ids), dtype=torch.long, device=w.device).scatter(
+        0, inverse, sample_type.reshape(-1).long().to(w.device))  # [M]: every token of a sample has its type
+    matches = types[:, None] == expert_group.reshape(1, -1).to(types.device)  # [M, E]
+    z = q * torch.where(matches, 1.0 + delta, 1.0 - delta)
+    if z.numel() < 2:
+        return z.sum() * 0
+    return z.reshape(-1).var() / z.mean().clamp_min(1e-12)

@@ -10,7 +10,7 @@ from zoo.models.lm import MoECausalLM, decoder_layers
 from zoo.models.mlp import gated_mlp
 from zoo.moe.experts import SwiGLU, SwiGLUExperts
 from zoo.moe.layer import SparseMoE
-from zoo.moe.routers import TopKRouter
+from zoo.moe.routers import TopKRouter  # noqa: F401  (the gate the HF classes hold)
 
 BASES = ("llama", "mistral", "qwen2")
 
@@ -43,6 +43,7 @@ class MoEInfo:
         top_k, norm_topk_prob, jitter_noise: the (top-k) routers' settings.
         aux_loss_coef: weight of the balance loss.
         shared_without_gate: a shared expert without the sigmoid gate.
+        gates: MoE layer -> the top-k router equivalent to its router (what the HF gate holds).
     """
 
     blockers: list[str] = field(default_factory=list)
@@ -59,6 +60,7 @@ class MoEInfo:
     jitter_noise: float = 0.0
     aux_loss_coef: float = 0.0
     shared_without_gate: bool = False
+    gates: dict = field(default_factory=dict)
 
 
 def inspect_moe_lm(model: MoECausalLM) -> MoEInfo:
@@ -81,17 +83,19 @@ def inspect_moe_lm(model: MoECausalLM) -> MoEInfo:
 
     expert_sizes, shared_sizes, top_ks, norms, jitters, counts = set(), set(), set(), set(), set(), set()
     for i, moe in moes.items():
-        if not isinstance(moe, SparseMoE) or type(moe.router) is not TopKRouter:
-            blockers.append(f"layer {i}: router {type(getattr(moe, 'router', None)).__name__} is not the top-k softmax router")
+        topk, why = moe.router.as_topk() if isinstance(moe, SparseMoE) else (None, "not a SparseMoE")
+        if topk is None:
+            blockers.append(f"layer {i}: router {type(moe.router).__name__} does not reduce to top-k softmax routing: {why}")
             continue
+        info.gates[i] = topk
         if type(moe.experts) is not SwiGLUExperts:
             blockers.append(f"layer {i}: experts are {type(moe.experts).__name__}, not plain SwiGLUExperts")
             continue
         expert_sizes.add(moe.experts.intermediate_size)
         counts.add(moe.experts.num_experts)
-        top_ks.add(moe.router.top_k)
-        norms.add(moe.router.norm_topk_prob)
-        jitters.add(moe.router.jitter_noise)
+        top_ks.add(topk.top_k)
+        norms.add(topk.norm_topk_prob)
+        jitters.add(topk.jitter_noise)
         if moe.shared_expert is None:
             shared_sizes.add(0)
         elif type(moe.shared_expert) is not SwiGLU or any(

@@ -39,10 +39,13 @@ def _common(model: MoECausalLM) -> dict[str, Any]:
     return common
 
 
-def _moe_keys(model: MoECausalLM) -> dict[str, torch.Tensor]:
-    """zoo keys inside `MoECausalLM.lm` -> transformers MoE keys (router -> `mlp.gate`)."""
-    return {k.replace(".mlp.moe.router.", ".mlp.gate.").replace(".mlp.moe.", ".mlp."): v
-            for k, v in model.lm.state_dict().items()}
+def _moe_keys(model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
+    """zoo keys inside `MoECausalLM.lm` -> transformers MoE keys; each router becomes the `mlp.gate`
+    weight of its top-k equivalent (`Router.as_topk`)."""
+    state = {k.replace(".mlp.moe.", ".mlp."): v for k, v in model.lm.state_dict().items() if ".mlp.moe.router." not in k}
+    for i, gate in info.gates.items():
+        state[f"model.layers.{i}.mlp.gate.weight"] = gate.weight.detach()
+    return state
 
 
 @HF_TARGETS.register("mixtral")
@@ -79,7 +82,7 @@ class Mixtral:
         )
 
     def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
-        return _moe_keys(model)
+        return _moe_keys(model, info)
 
     @staticmethod
     def optional_key(key: str, info: MoEInfo) -> bool:
@@ -130,7 +133,7 @@ class Qwen2Moe:
         )
 
     def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
-        state = _moe_keys(model)
+        state = _moe_keys(model, info)
         if info.shared_size == 0:  # zero-width shared expert: its gate is a zero row, it adds exactly 0
             param = next(model.parameters())
             for i in info.moe_layers:

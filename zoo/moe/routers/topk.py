@@ -84,11 +84,12 @@ class TopKRouter(nn.Module):
         """Router weights ~ N(0, std^2) (upcycling passes the LM's `initializer_range`)."""
         nn.init.normal_(self.weight, std=std)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """Route tokens.
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route tokens (each on its own: `mask` changes nothing).
 
         Args:
             x: token states `[T, d]`.
+            mask: `[T]` real tokens (unused).
 
         Returns:
             RouterOutput with logits `[T, E]`, weights `[T, k]` (float32), indices `[T, k]`.
@@ -102,9 +103,13 @@ class TopKRouter(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, weights, indices)
 
-    def aux_losses(self, output: RouterOutput, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, output: RouterOutput, mask: torch.Tensor | None = None, context=None) -> dict[str, torch.Tensor]:
         """`balance` (over this router's k) and `z`, pure functions of `output`."""
         return {"balance": load_balancing_loss(output.logits, self.top_k, mask), "z": router_z_loss(output.logits, mask)}
+
+    def as_topk(self) -> tuple[TopKRouter | None, str]:
+        """This router is top-k routing (for exporters that hold only top-k softmax routers)."""
+        return self, ""
 
     def extra_repr(self) -> str:
         return (

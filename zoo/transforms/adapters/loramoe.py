@@ -2,9 +2,8 @@
 via MoE-Style Plugin", arXiv 2312.09979): E LoRA experts beside each chosen frozen FFN.
 
 `y = FFN(x) + sum_k w_k (alpha / r) B[i_k] A[i_k] x`: the experts sit on the FFN's output side and
-are mixed by a router. The paper routes softly (a softmax over all experts); that is the default
-here (`topk` with k = E and no renormalization). The paper's localized balancing constraint is a
-separate loss, not part of this module.
+are mixed by a router. The paper routes softly (a softmax over all experts): the default router,
+`loramoe`, which also owns the paper's localized balancing constraint (`zoo.moe.routers.loramoe`).
 """
 
 from __future__ import annotations
@@ -74,18 +73,15 @@ class LoRAMoEExperts(nn.Module):
 class LoRAMoEOptions(LoRAExpertOptions):
     """LoRAMoE's options (see `LoRAExpertOptions`).
 
-    `router_options` empty with the `topk` router means the paper's soft routing: k = E and the
-    full softmax as weights (`norm_topk_prob=False`). Attention LoRA is off by default (the paper
+    The default router is `loramoe`, the paper's soft router (every expert, softmax weights); give
+    it `router_options: {groups: [n_knowledge, n_task], delta: 0.1}` for the localized balancing
+    constraint (with the stage's `sample_types`). Attention LoRA is off by default (the paper
     adapts the FFNs only).
     """
 
+    router: str = "loramoe"
     router_options: dict[str, Any] = field(default_factory=dict)
     attention_lora: bool = False
-
-    def __post_init__(self) -> None:
-        if self.router == "topk" and not self.router_options:
-            self.router_options = {"top_k": self.num_experts, "norm_topk_prob": False}
-        super().__post_init__()
 
 
 def apply_loramoe(model: nn.Module, **options) -> MoECausalLM:
