@@ -44,8 +44,11 @@ class KMeansOptions:
 
 
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """`[T, E]` squared Euclidean distances between `x [T, d]` and `centroids [E, d]`."""
-    return (x.unsqueeze(1) - centroids.unsqueeze(0)).pow(2).sum(dim=-1)
+    """`[T, E]` squared Euclidean distances between `x [T, d]` and `centroids [E, d]`.
+
+    As `|x|^2 - 2 x.c + |c|^2` (one GEMM, no `[T, E, d]` tensor), clamped at 0 against rounding.
+    """
+    return (x.pow(2).sum(-1, keepdim=True) - 2 * x @ centroids.t() + centroids.pow(2).sum(-1)).clamp_min(0)
 
 
 @ROUTERS.register("kmeans", options=KMeansOptions)
