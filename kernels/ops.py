@@ -2,7 +2,9 @@
 
 CUDA tensors run the Triton kernels (`zoo.kernels.triton`) when triton is installed; everything
 else runs the pure-PyTorch reference (`zoo.kernels.reference`). Both have the same signature and
-must agree in outputs and gradients (tests/test_kernels_triton.py).
+must agree in outputs and gradients (tests/test_kernels_triton.py). The kernels exist for SwiGLU
+experts; gated experts of other activations and plain (fc1 -> act -> fc2) experts run the
+reference on every device.
 
 `ZOO_KERNELS=auto|reference|triton` overrides the choice (read on every call): `reference`
 forces the reference everywhere; `triton` forces the kernels, which on CPU tensors needs
@@ -67,4 +69,21 @@ def moe_swiglu(
     return reference.moe_swiglu(x, weights, indices, gate_up, down)
 
 
-__all__ = ["BACKENDS", "backend_for", "moe_swiglu", "sort_by_expert"]
+def moe_glu(x, weights, indices, gate_up, down, activation: str, gate_up_bias=None, down_bias=None) -> torch.Tensor:
+    """Routed gated experts of any activation (`reference.moe_glu`); bias-free SiLU ones run `moe_swiglu`
+    (the Triton kernels on CUDA), every other kind the pure-PyTorch reference on any device."""
+    if activation == "silu" and gate_up_bias is None and down_bias is None:
+        return moe_swiglu(x, weights, indices, gate_up, down)
+    from zoo.moe.activations import activation_fn
+
+    return reference.moe_glu(x, weights, indices, gate_up, down, activation_fn(activation), gate_up_bias, down_bias)
+
+
+def moe_mlp(x, weights, indices, fc1, fc2, activation: str, fc1_bias=None, fc2_bias=None) -> torch.Tensor:
+    """Routed plain experts (`reference.moe_mlp`): the pure-PyTorch reference on every device (no kernel yet)."""
+    from zoo.moe.activations import activation_fn
+
+    return reference.moe_mlp(x, weights, indices, fc1, fc2, activation_fn(activation), fc1_bias, fc2_bias)
+
+
+__all__ = ["BACKENDS", "backend_for", "moe_glu", "moe_mlp", "moe_swiglu", "sort_by_expert"]

@@ -195,7 +195,9 @@ def test_one_expert_equals_the_dense_ffn_it_was_made_from(kind):
 
 
 @pytest.mark.parametrize("name", UPCYCLERS.names())
-def test_upcycler_builds_an_moe_lm_and_keeps_the_dense_model_when_it_promises_to(name):
+def test_upcycler_builds_an_moe_lm_and_keeps_the_dense_model_when_it_promises_to(name, tmp_path):
+    from zoo.io.moe_lm import load_moe_lm, save_moe_lm
+
     lm = dense_lm()
     ids = torch.randint(0, 97, (2, 8))
     with torch.no_grad():
@@ -207,6 +209,10 @@ def test_upcycler_builds_an_moe_lm_and_keeps_the_dense_model_when_it_promises_to
         got = model(input_ids=ids).logits
     if UPCYCLERS.get(name).preserves_dense:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    loaded, _ = load_moe_lm(save_moe_lm(model, tmp_path / name))  # its config rebuilds it offline
+    assert loaded.moe_config == model.moe_config
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, got)
 
 
 # --- adapters -----------------------------------------------------------------------------------

@@ -114,14 +114,22 @@ def test_training_step_reaches_every_parameter_and_experts_diverge():
 
 def test_upcycle_errors_name_the_cause():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, bos_token_id=0, eos_token_id=0))
-    with pytest.raises(ValueError, match=r"layer 0's mlp \(GPT2MLP\) has no gate_proj/up_proj/down_proj"):
+    for block in gpt2.transformer.h:
+        block.mlp = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"layer 0's mlp \(Sequential\) is no FFN an expert kind can hold \(it has \['0'\]\)"):
         upcycle(gpt2, num_experts=4, router_options={"top_k": 2})
     with pytest.raises(ValueError, match="Sequential has no list of decoder layers with an `mlp`"):
         upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)), num_experts=4, router_options={"top_k": 2})
-    with pytest.raises(ValueError, match="uses activation GELUActivation; the experts are SwiGLU"):
-        upcycle(dense_lm(hidden_act="gelu"), num_experts=4, router_options={"top_k": 2})
-    with pytest.raises(ValueError, match="biased projections"):
-        upcycle(dense_lm(mlp_bias=True), num_experts=4, router_options={"top_k": 2})
+    with pytest.raises(ValueError, match=r"swiglu experts use \('silu',\); LlamaMLP uses gelu"):
+        upcycle(dense_lm(hidden_act="gelu"), num_experts=4, experts="swiglu", router_options={"top_k": 2})
+    with pytest.raises(ValueError, match="swiglu experts have no biases; LlamaMLP has biased projections"):
+        upcycle(dense_lm(mlp_bias=True), num_experts=4, experts="swiglu", router_options={"top_k": 2})
+    with pytest.raises(ValueError, match="mlp experts hold plain FFNs; LlamaMLP is a gated FFN"):
+        upcycle(dense_lm(), num_experts=4, experts="mlp", router_options={"top_k": 2})
+    with pytest.raises(ValueError, match="need an explicit expert kind"):
+        upcycle(dense_lm(), num_experts=4, experts_options={"bias": True}, router_options={"top_k": 2})
+    with pytest.raises(ValueError, match="upcycler 'split' partitions the FFN's 64 neurons into num_experts=3"):
+        upcycle(dense_lm(), num_experts=3, method="split", router_options={"top_k": 1})
     with pytest.raises(ValueError, match="top_k=8 must be between 1 and num_experts=4"):
         upcycle(dense_lm(), num_experts=4, router_options={"top_k": 8})
     with pytest.raises(ValueError, match="out of range for a model with 4 layers"):

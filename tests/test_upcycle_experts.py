@@ -96,12 +96,14 @@ def test_errors_name_the_cause_and_leave_the_model_unchanged():
         (dict(copies=[good, {0: {**ffn_state_dicts(good)[0], "gate_proj.bias": torch.zeros(48)},
                              1: ffn_state_dicts(good)[1]}], num_experts=2), r"unexpected keys \['gate_proj.bias'\]"),
         (dict(copies=[good, GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4))], num_experts=2),
-         "copy 1, layer 0: the copy's mlp \\(GPT2MLP\\) has no gate_proj/up_proj/down_proj"),
+         r"copy 1, layer 0: the copy's mlp \(GPT2MLP\) is a plain FFN \(c_fc/c_proj \(Conv1D\)\) but the model's "
+         r"\(LlamaMLP\) is a gated FFN"),
     ]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             upcycle_from_experts(base, kw["copies"], num_experts=kw["num_experts"], router_options={"top_k": 1})
         assert not any(isinstance(layer.mlp, MoEBlock) for layer in decoder_layers(base))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4))
-    with pytest.raises(ValueError, match="layer 0's mlp \\(GPT2MLP\\) has no gate_proj/up_proj/down_proj"):
-        upcycle_from_experts(gpt2, [good], num_experts=1, router_options={"top_k": 1})
+    with pytest.raises(ValueError, match=r"layer 0: c_fc.weight has shape \(32, 128\) but the model's FFN has \(32, 64\)"):
+        upcycle_from_experts(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_inner=64)),
+                             [gpt2], num_experts=1, router_options={"top_k": 1})

@@ -59,7 +59,7 @@ class MoETune:
         seeds = load_expert_seeds(ctx.start_dir) if ctx.start_dir is not None else None
         model.language_model = upcycle(model.hf_model, o.moe, method=o.upcycler, method_options=o.upcycler_options,
                                        expert_seeds=seeds)
-        return model, dataclasses.replace(model_cfg, moe=o.moe)
+        return model, dataclasses.replace(model_cfg, moe=model.language_model.moe_config)
 
     trainable = default_trainable
     after_training = nothing_after

@@ -63,7 +63,7 @@ def moe_lm_from_config(config: Mapping[str, Any], *, dtype: torch.dtype | None =
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from zoo.moe.config import MoEConfig
-    from zoo.transforms.upcycle import upcycle
+    from zoo.transforms.upcycle import moe_skeleton
 
     if config.get("kind") != MOE_CAUSAL_LM_KIND:
         raise CheckpointError(f"config kind is {config.get('kind')!r}, expected {MOE_CAUSAL_LM_KIND!r}")
@@ -73,7 +73,7 @@ def moe_lm_from_config(config: Mapping[str, Any], *, dtype: torch.dtype | None =
         raise CheckpointError(f"LM model_type {model_type!r} is not known to this transformers version")
     hf_config = CONFIG_MAPPING[model_type].from_dict(lm_dict)
     lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
-    model = upcycle(lm, MoEConfig.from_dict(dict(config["moe"])))
+    model = moe_skeleton(lm, MoEConfig.from_dict(dict(config["moe"])))
     model.loss_coefs = dict(config.get("loss_coefs", model.loss_coefs))
     return model
 

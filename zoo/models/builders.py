@@ -59,7 +59,7 @@ def build_model(cfg: ModelConfig) -> MultimodalMoE:
     Build inside `with torch.device("meta"):` to check shapes of a full-size model without memory.
     """
     from zoo.encoders.connectors import build_connector
-    from zoo.transforms.upcycle import upcycle
+    from zoo.transforms.upcycle import moe_skeleton
 
     lm = build_language_model(cfg.lm)
     d = lm.get_input_embeddings().embedding_dim
@@ -67,7 +67,7 @@ def build_model(cfg: ModelConfig) -> MultimodalMoE:
     for modality, token_id in cfg.placeholder_ids().items():
         if not 0 <= token_id < vocab:
             raise ValueError(f"build_model: the <{modality}> token id {token_id} is outside the LM vocabulary ({vocab})")
-    language_model = upcycle(lm, cfg.moe) if cfg.moe is not None else lm
+    language_model = moe_skeleton(lm, cfg.moe) if cfg.moe is not None else lm
     encoders = {m: build_encoder(e) for m, e in cfg.encoders.items()}
     connectors = {
         m: build_connector(c.kind, encoders[m].output_dim, d, **c.options) for m, c in cfg.connectors.items()

@@ -21,7 +21,10 @@ class MoEConfig:
         router_options: that router's options (validated against it; e.g. `{top_k: 2}` for `topk`).
         loss_coefs: weight of each of the router's aux losses by name (e.g. `{balance: 0.01, z: 0}`);
             a loss not named keeps the router's default weight.
-        experts: registered expert kind (`zoo.moe.EXPERTS`).
+        experts: registered expert kind (`zoo.moe.EXPERTS`), or "auto": upcycling picks the kind that
+            holds the dense FFN (`swiglu` for Llama-style, `glu` for GeGLU/biased, `mlp` for fc1/fc2)
+            and records it; an MoE built from scratch gets `swiglu`.
+        experts_options: that kind's options (e.g. `{activation: gelu_tanh, bias: true}` for `mlp`).
         expert_intermediate_size: width f of each routed expert; None = the dense FFN's width.
         shared_expert_size: intermediate size of an always-on shared expert gated by a sigmoid
             (Qwen2-MoE); 0 means none.
@@ -32,7 +35,8 @@ class MoEConfig:
     router: str = "topk"
     router_options: dict[str, Any] = field(default_factory=dict)
     loss_coefs: dict[str, float] = field(default_factory=dict)
-    experts: str = "swiglu"
+    experts: str = "auto"
+    experts_options: dict[str, Any] = field(default_factory=dict)
     expert_intermediate_size: int | None = None
     shared_expert_size: int = 0
     layers: str | list[int] = "all"
@@ -48,9 +52,16 @@ class MoEConfig:
             if hasattr(opts, "validate_for"):
                 opts.validate_for(self.num_experts)
             check_loss_coefs(self.router, self.loss_coefs)
-            EXPERTS.entry(self.experts)
+            if self.experts == "auto":
+                if self.experts_options:
+                    raise ValueError(f"experts_options {sorted(self.experts_options)} need an explicit expert kind "
+                                     f"(one of {EXPERTS.names()}), not experts='auto'")
+                experts_opts = {}
+            else:
+                experts_opts = EXPERTS.options(self.experts, self.experts_options)
         except (TypeError, ValueError) as e:
             raise type(e)(f"MoEConfig: {e}") from None
+        self.experts_options = config_to_dict(experts_opts) if dataclasses.is_dataclass(experts_opts) else dict(experts_opts)
         self.router_options = config_to_dict(opts) if dataclasses.is_dataclass(opts) else dict(opts)
         self.loss_coefs = {k: float(v) for k, v in self.loss_coefs.items()}
         if self.expert_intermediate_size is not None and self.expert_intermediate_size < 1:
@@ -68,6 +79,10 @@ class MoEConfig:
     def moe_layer_indices(self, num_layers: int) -> list[int]:
         """Decoder layer indices that become MoE layers in a model of `num_layers` layers."""
         return layer_indices(self.layers, num_layers, "MoEConfig")
+
+    def experts_kind(self) -> tuple[str, dict[str, Any]]:
+        """The expert kind an MoE built from this config (not by upcycling) gets, and its options."""
+        return ("swiglu", {}) if self.experts == "auto" else (self.experts, dict(self.experts_options))
 
     def loss_coef(self, name: str) -> float:
         """Weight of the router's loss `name` (the configured one, else the router's default)."""

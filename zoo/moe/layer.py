@@ -85,6 +85,7 @@ def build_sparse_moe(cfg: MoEConfig, hidden_size: int, intermediate_size: int) -
     if cfg.shared_expert_size:
         shared = SwiGLU(hidden_size, cfg.shared_expert_size)
         gate = nn.Linear(hidden_size, 1, bias=False)
-    experts = EXPERTS.build(cfg.experts, num_experts=cfg.num_experts, hidden_size=hidden_size,
+    kind, options = cfg.experts_kind()
+    experts = EXPERTS.build(kind, options, num_experts=cfg.num_experts, hidden_size=hidden_size,
                             intermediate_size=intermediate_size)
     return SparseMoE(router=router, experts=experts, shared_expert=shared, shared_expert_gate=gate)
