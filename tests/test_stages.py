@@ -319,3 +319,41 @@ def _stage_dict(stage):
     d = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
     d["options"] = dataclasses.asdict(d["options"])
     return d
+
+
+def test_specialize_experts_from_cluster_trains_one_copy_per_balanced_cluster_of_samples(micro_run, tmp_path):
+    """CLIP-MoE multiplet upcycling: copies trained on clusters of samples; moe-tune seeds expert j from copy j."""
+    import dataclasses
+
+    from zoo import upcycle
+    from zoo.pipelines.stages import StageConfig
+    from zoo.pipelines.stages.specialize import load_expert_seeds
+
+    recipe, out, outputs = micro_run
+    spec = recipe.stage("specialize")
+    stage = StageConfig(name="specialize", kind="specialize", data=spec.data, batch_size=4,
+                        options={"experts_from": "cluster", "num_clusters": 2, "expert_steps": 1},
+                        train={"steps": 1, "optim": {"lr": 3.0e-3}})
+    short = dataclasses.replace(recipe, stages=[recipe.stages[0], recipe.stages[1], stage])
+    got = run_recipe(short, tmp_path, data_dir=out / "data")
+    cfg = load_checkpoint(got["specialize"]).config
+    clusters = cfg["expert_clusters"]
+    assert sorted(clusters) == ["cluster0", "cluster1"] == cfg["expert_seeds"]
+    sizes = [sum(c.values()) for c in clusters.values()]
+    assert sizes[0] == sizes[1] > 0  # balanced
+    total = sum(len(v) for f, v in _train_sets(short, tmp_path, out / "data").items() if f in spec.data)
+    assert sum(sizes) == total - total % 2
+    seeds = load_expert_seeds(got["specialize"])
+    assert len(seeds) == 2 and not torch.equal(seeds[0][0]["gate_proj.weight"], seeds[1][0]["gate_proj.weight"])
+    model, _ = load_model(got["specialize"])
+    model.language_model = upcycle(model.hf_model, num_experts=4, router_options={"top_k": 2}, expert_seeds=seeds)
+    experts = model.language_model.moe_layers()[0].experts
+    assert torch.equal(experts.down_proj[3], seeds[1][0]["down_proj.weight"])  # expert 3 <- copy 3 % 2
+    with pytest.raises(ValueError, match="num_clusters must be >= 2, got 1"):
+        StageConfig(name="s", kind="specialize", data={"vqa": 1.0}, options={"experts_from": "cluster", "num_clusters": 1})
+
+
+def _train_sets(recipe, out, data_dir):
+    from zoo.pipelines.datasets import prepare
+
+    return prepare(recipe, out, data_dir)[0]
