@@ -21,6 +21,7 @@ def expert_load_by_family(model, processor, datasets: Mapping[str, Sequence], *,
 
     Returns:
         family -> layer -> `[E]` load fractions (each sums to 1); empty if the model has no MoE layer.
+        LM layers are ints; MoE blocks inside an encoder are "<modality> encoder <block>".
     """
     was_training = model.training
     model.eval()
@@ -32,10 +33,23 @@ def expert_load_by_family(model, processor, datasets: Mapping[str, Sequence], *,
             result = model(**collate(chunk[start : start + batch_size], processor))
             for stats in result.routing or []:
                 sums[stats.layer] = sums.get(stats.layer, 0) + stats.load
+            for modality, layers in (getattr(result, "encoder_routing", None) or {}).items():
+                for stats in layers:  # MoE blocks inside an encoder: "<modality> encoder <block>"
+                    key = f"{modality} encoder {stats.layer}"
+                    sums[key] = sums.get(key, 0) + stats.load
         if sums:
-            out[family] = {layer: (s / s.sum()).tolist() for layer, s in sorted(sums.items())}
+            out[family] = {layer: (s / s.sum()).tolist() for layer, s in sorted(sums.items(), key=_layer_order)}
     model.train(was_training)
     return out
+
+
+def _layer_order(item) -> tuple:
+    """LM layers (ints) first in order, then encoder blocks ("image encoder 3") by name and block."""
+    layer = item[0]
+    if isinstance(layer, int):
+        return (0, "", layer)
+    name, _, block = str(layer).rpartition(" ")
+    return (1, name, int(block) if block.isdigit() else 0)
 
 
 def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: str | Path, title: str = "") -> Path:
@@ -46,7 +60,7 @@ def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: s
     import matplotlib.pyplot as plt
 
     families = sorted(loads)
-    layers = sorted({layer for f in families for layer in loads[f]})
+    layers = sorted({layer for f in families for layer in loads[f]}, key=lambda layer: _layer_order((layer, None)))
     if not layers:
         raise ValueError("plot_expert_load: no MoE layer loads to plot")
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 3), squeeze=False, sharey=True)
@@ -57,7 +71,7 @@ def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: s
             xs = [e + (i - (len(families) - 1) / 2) * width for e in range(num_experts)]
             ax.bar(xs, loads[family].get(layer, [0] * num_experts), width, label=family)
         ax.axhline(1 / num_experts, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"layer {layer}")
+        ax.set_title(f"layer {layer}" if isinstance(layer, int) else str(layer))
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))
     axes[0][0].set_ylabel("load fraction")

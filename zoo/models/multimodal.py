@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from zoo.models.lm import MoECausalLM
 from zoo.models.splicing import SplicedInputs, placeholder_positions, splice_media
-from zoo.moe.capture import LayerRoutingStats
+from zoo.moe.capture import LayerRoutingStats, capture_routing, routing_losses
 
 _MEDIA_NAMES = {"image": "images", "audio": "audio clips"}
 
@@ -35,6 +35,8 @@ class MultimodalOutput(ModelOutput):
         routing: per MoE decoder layer `LayerRoutingStats`.
         attention_mask: `[B, L]` of the spliced sequence (to align logits with tokens).
         labels: `[B, L]` spliced labels.
+        encoder_aux_loss: the weighted router losses of MoE layers inside encoders (in `loss`).
+        encoder_routing: modality -> per encoder MoE block `LayerRoutingStats`.
     """
 
     loss: torch.Tensor | None = None
@@ -47,6 +49,8 @@ class MultimodalOutput(ModelOutput):
     routing: list[LayerRoutingStats] | None = None
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    encoder_aux_loss: torch.Tensor | None = None
+    encoder_routing: dict | None = None
 
 
 class MultimodalMoE(nn.Module):
@@ -211,20 +215,24 @@ class MultimodalMoE(nn.Module):
         # Encode every modality present: tokens[modality] is [n, M, d], in placeholder order.
         tokens: dict[str, torch.Tensor] = {}
         routing: dict = {}
+        encoder_routing: dict = {}
         for modality, pos in positions.items():
             owners = [b for b, row in enumerate(pos) for _ in row]
             if not owners:
                 continue
             owner = torch.tensor(owners, device=input_ids.device)
-            out, route = self.encode(modality, media[modality], text[owner], text_mask[owner],
-                                     precomputed=modality in precomputed)
+            with capture_routing(self.encoders[modality]) as records:
+                out, route = self.encode(modality, media[modality], text[owner], text_mask[owner],
+                                         precomputed=modality in precomputed)
+            if records:
+                encoder_routing[modality] = records
             tokens[modality] = out.to(text.dtype)
             if route is not None:
                 routing[modality] = route
 
         embeds, mask, position_ids, out_labels, media_mask = splice_media(
             text, attention_mask, positions, tokens, labels, padding_side)
-        return SplicedInputs(embeds, mask, position_ids, out_labels, media_mask, routing)
+        return SplicedInputs(embeds, mask, position_ids, out_labels, media_mask, routing, encoder_routing)
 
     # -- forward / generate ---------------------------------------------------------------------
 
@@ -280,9 +288,16 @@ class MultimodalMoE(nn.Module):
             aux, aux_losses, routing = out.aux_loss, out.aux_losses, out.routing
         else:
             aux, aux_losses, routing = zero, {}, []
+        enc_aux, encoder_routing = zero, {}
+        for modality, records in s.encoder_routing.items():
+            routed = routing_losses(records)
+            weighted = routed.weighted(getattr(getattr(self.encoders[modality], "moe_config", None), "loss_coefs", None))
+            if weighted is not None:
+                enc_aux = enc_aux + weighted.to(zero.device)
+            encoder_routing[modality] = routed.stats
         loss = None
         if labels is not None:
-            loss = out.loss + self.connector_aux_coef * conn_aux
+            loss = out.loss + self.connector_aux_coef * conn_aux + enc_aux
         return MultimodalOutput(
             loss=loss,
             lm_loss=getattr(out, "lm_loss", None) if isinstance(self.language_model, MoECausalLM) else out.loss,
@@ -292,6 +307,8 @@ class MultimodalMoE(nn.Module):
             logits=out.logits,
             past_key_values=getattr(out, "past_key_values", None),
             routing=routing,
+            encoder_aux_loss=enc_aux,
+            encoder_routing=encoder_routing,
             attention_mask=s.attention_mask,
             labels=s.labels,
         )

@@ -8,7 +8,7 @@ first, left to right), as in transformers' LLaVA (`pixel_values [num_images, 3, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class SplicedInputs:
         labels: `[B, L]` with `IGNORE_INDEX` at media, placeholder and pad positions (None if no labels).
         media_mask: `[B, L]` bool, True where a connector token sits.
         connector_routing: modality -> `RouterOutput` of MoE connectors (one row per media item).
+        encoder_routing: modality -> `RoutingRecord`s of the MoE layers inside its encoder.
     """
 
     inputs_embeds: torch.Tensor
@@ -34,6 +35,7 @@ class SplicedInputs:
     labels: torch.Tensor | None
     media_mask: torch.Tensor
     connector_routing: dict
+    encoder_routing: dict = field(default_factory=dict)
 
 
 def placeholder_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -20,7 +20,7 @@ from zoo.moe.layer import SparseMoE
 from zoo.moe.losses import experts_per_token, load_fraction, router_entropy
 from zoo.moe.routers import RouterOutput
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|resblocks|h)\.(\d+)(?:\.|$)")  # decoders, ViTs, GPT-2
 
 
 @dataclass
@@ -29,7 +29,8 @@ class RoutingRecord:
 
     Attributes:
         name: module path, e.g. "model.layers.3.mlp.moe".
-        layer: decoder layer index parsed from the path, or call order if there is none.
+        layer: block index parsed from the path (`layers.3`, timm `blocks.3`, open_clip `resblocks.3`,
+            GPT-2 `h.3`), or call order if there is none.
         output: the router's decision.
         router: the router module that made it (its `aux_losses` turns `output` into losses).
         context: the call's per-token tensors `[T]` (`mask`, ...), from `zoo.moe.routing_context`.

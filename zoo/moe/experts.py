@@ -238,8 +238,8 @@ class GLUExperts(nn.Module):
 
 
 @dataclass
-class MLPOptions:
-    """Options of `mlp` experts.
+class MLPOptions(GLUOptions):
+    """Options of `mlp` experts (checked as `GLUOptions` are).
 
     Attributes:
         activation: the hidden activation (GPT-2 and Phi: "gelu_tanh").
@@ -248,11 +248,6 @@ class MLPOptions:
 
     activation: str = "gelu_tanh"
     bias: bool = True
-
-    def __post_init__(self) -> None:
-        from zoo.moe.activations import activation_fn
-
-        activation_fn(self.activation)
 
 
 @EXPERTS.register("mlp", options=MLPOptions)

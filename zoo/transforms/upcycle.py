@@ -366,6 +366,26 @@ def _upcycle(model, cfg: MoEConfig, upcycler, expert_seeds, calibration, who: st
     if isinstance(model, MoECausalLM):
         raise ValueError(f"{who}: the model is already an MoECausalLM")
     layers = decoder_layers(model)
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    resolved = upcycle_layers(layers, cfg, upcycler, who=who, std=std, expert_seeds=expert_seeds,
+                              inputs=lambda indices: _mlp_inputs(model, layers, indices, calibration))
+    return MoECausalLM(model, resolved)
+
+
+def upcycle_layers(layers, cfg: MoEConfig, upcycler, *, who: str, std: float = 0.02, expert_seeds=None,
+                   inputs=None) -> MoEConfig:
+    """Replace the `mlp` of the chosen blocks of `layers` (any sequence of blocks with an `mlp`) by
+    `MoEBlock`s whose experts `upcycler` builds; returns the resolved config. Nothing changes when it raises.
+
+    Args:
+        layers: the blocks (a decoder's layers, a ViT's blocks).
+        cfg: the MoE; `cfg.layers` indexes `layers`.
+        upcycler: an `UPCYCLERS` instance.
+        who: prefix for errors.
+        std: the router's init std.
+        expert_seeds: specialized copies (see `upcycle_from_experts`).
+        inputs: `indices -> {index: MLP inputs [N, d]}` for upcyclers that need calibration.
+    """
     indices = cfg.moe_layer_indices(len(layers))
     specs = {i: ffn_spec(layers[i].mlp, f"{who}: layer {i}'s mlp") for i in indices}
     kinds = {(k, tuple(sorted(o.items()))) for k, o in map(expert_kind_for, specs.values())}
@@ -380,14 +400,13 @@ def _upcycle(model, cfg: MoEConfig, upcycler, expert_seeds, calibration, who: st
     if widths and widths != {specs[indices[0]].intermediate_size}:
         resolved = dataclasses.replace(resolved, expert_intermediate_size=widths.pop())
     seeds = _seed_weights(expert_seeds, layers, indices, resolved) if expert_seeds is not None else {}
-    inputs = _mlp_inputs(model, layers, indices, calibration) if getattr(upcycler, "needs_calibration", False) else {}
-    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    calib = inputs(indices) if inputs is not None and getattr(upcycler, "needs_calibration", False) else {}
     built = {}
     for i in indices:
         mlp = layers[i].mlp
         ref = specs[i].w_in
         moe = build_sparse_moe(resolved, specs[i].hidden_size, resolved.expert_intermediate_size or specs[i].intermediate_size)
-        moe.experts = upcycler.experts(mlp, resolved, layer=i, seeds=seeds.get(i), calibration=inputs.get(i))
+        moe.experts = upcycler.experts(mlp, resolved, layer=i, seeds=seeds.get(i), calibration=calib.get(i))
         with torch.no_grad():
             moe.router.reset_parameters(std)
             upcycler.init_router(moe.router, moe.experts, resolved)
@@ -396,7 +415,44 @@ def _upcycle(model, cfg: MoEConfig, upcycler, expert_seeds, calibration, who: st
         built[i] = MoEBlock(moe.to(device=ref.device, dtype=ref.dtype))
     for i, block in built.items():
         layers[i].mlp = block
-    return MoECausalLM(model, resolved)
+    return resolved
+
+
+def encoder_blocks(encoder: nn.Module) -> nn.Module:
+    """The transformer blocks of a vision tower: the first `ModuleList`/`Sequential` whose every
+    block has an `mlp` (timm ViT `blocks`, open_clip `transformer.resblocks`)."""
+    for module in encoder.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0 and all(hasattr(m, "mlp") for m in module):
+            return module
+    raise ValueError(f"upcycle_encoder: {type(encoder).__name__} has no list of blocks with an `mlp` "
+                     "(expected a timm ViT or an open_clip visual tower)")
+
+
+def upcycle_encoder(encoder: nn.Module, config: MoEConfig | None = None, *, method: str = "copy",
+                    method_options: dict[str, Any] | None = None, **kwargs) -> MoEConfig:
+    """MoE inside a vision encoder (CLIP-MoE, SPMTrack, Dynamic-DINO): upcycle its blocks' MLPs in place.
+
+    The same upcyclers as for LMs, applied to a timm ViT's `Mlp` (fc1/fc2, GELU) or an open_clip
+    tower's MLP (c_fc/c_proj); with `copy` the encoder's features equal the dense ones at init. Its
+    routing is captured like the LM's (`zoo.moe.capture_routing`) and `MultimodalMoE` adds the
+    routers' losses to the training loss.
+
+    Args:
+        encoder: the encoder module (changed in place).
+        config: the `MoEConfig` (`layers` indexes the tower's blocks), or its fields as keywords.
+        method, method_options: the `UPCYCLERS` entry (co-activation `split` needs calibration and
+            is refused here).
+
+    Returns:
+        The resolved `MoEConfig` (expert kind and width).
+    """
+    cfg = _config(config, kwargs, "upcycle_encoder")
+    upcycler = UPCYCLERS.build(method, method_options)
+    if getattr(upcycler, "needs_calibration", False):
+        raise ValueError("upcycle_encoder: split with partition='coactivation' needs calibration inputs; use 'random'")
+    if any(isinstance(m, MoEBlock) for m in encoder.modules()):
+        raise ValueError("upcycle_encoder: the encoder already has MoE layers")
+    return upcycle_layers(encoder_blocks(encoder), cfg, upcycler, who="upcycle_encoder")
 
 
 def _mlp_inputs(model: nn.Module, layers: nn.ModuleList, indices: list[int], calibration) -> dict[int, torch.Tensor]:
@@ -510,5 +566,6 @@ def upcycle_from_experts(
     return _upcycle(model, cfg, CopyUpcycler(), expert_mlps, None, "upcycle_from_experts")
 
 
-__all__ = ["CopyUpcycler", "NoisyUpcycler", "SplitUpcycler", "UPCYCLERS", "balanced_kmeans", "moe_skeleton",
-           "neuron_activations", "resolve_experts", "upcycle", "upcycle_from_experts"]
+__all__ = ["CopyUpcycler", "NoisyUpcycler", "SplitUpcycler", "UPCYCLERS", "balanced_kmeans", "encoder_blocks",
+           "moe_skeleton", "neuron_activations", "resolve_experts", "upcycle", "upcycle_encoder", "upcycle_from_experts",
+           "upcycle_layers"]
