@@ -395,8 +395,9 @@ def upcycle_layers(layers, cfg: MoEConfig, upcycler, *, who: str, std: float = 0
     widths = {upcycler.expert_width(specs[i], resolved, f"{who}: layer {i}") for i in indices}
     if len(widths) > 1:
         raise ValueError(f"{who}: the MoE layers' experts would have different widths {sorted(widths)}")
-    for i in indices:
-        EXPERTS.get(resolved.experts).from_dense(layers[i].mlp, 1)  # raises if the kind cannot hold the FFN
+    with torch.random.fork_rng(devices=[]):  # a dry run that leaves the RNG stream as it was
+        for i in indices:
+            EXPERTS.get(resolved.experts).from_dense(layers[i].mlp, 1)  # raises if the kind cannot hold the FFN
     if widths and widths != {specs[indices[0]].intermediate_size}:
         resolved = dataclasses.replace(resolved, expert_intermediate_size=widths.pop())
     seeds = _seed_weights(expert_seeds, layers, indices, resolved) if expert_seeds is not None else {}
