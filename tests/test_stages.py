@@ -357,3 +357,20 @@ def _train_sets(recipe, out, data_dir):
     from zoo.pipelines.datasets import prepare
 
     return prepare(recipe, out, data_dir)[0]
+
+
+def test_moe_tune_split_coactivation_calibrates_on_its_training_data_and_reloads(micro_run, tmp_path):
+    import dataclasses
+
+    recipe, out, outputs = micro_run
+    tune = recipe.stage("moe-tune")
+    options = {"moe": {"num_experts": 4, "router_options": {"top_k": 2}, "layers": "every_other"},
+               "upcycler": "split", "upcycler_options": {"partition": "coactivation"}, "calibration_samples": 2}
+    stage = StageConfig(name="moe-tune", kind="moe-tune", data=tune.data, batch_size=4, options=options,
+                        train={"steps": 1, "optim": {"lr": 3.0e-3}})
+    short = dataclasses.replace(recipe, stages=[recipe.stages[0], stage])
+    got = run_recipe(short, tmp_path, data_dir=out / "data")
+    moe = load_checkpoint(got["moe-tune"]).config["model"]["moe"]
+    assert moe["expert_intermediate_size"] == 16 and moe["experts"] == "swiglu"  # micro f=64 split in 4
+    model, _ = load_model(got["moe-tune"])
+    assert model.language_model.moe_layers()[0].experts.gate_up_proj.shape == (4, 32, 32)

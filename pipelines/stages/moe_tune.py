@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from zoo.config import sub_config
 from zoo.moe.config import MoEConfig
 from zoo.pipelines.stages.base import STAGES, Branch, StageContext, default_trainable, nothing_after, single_branch
@@ -27,17 +29,33 @@ class MoETuneOptions:
             router_options, loss_coefs, layers, ...).
         upcycler: the `UPCYCLERS` entry that initializes the experts.
         upcycler_options: its options.
+        calibration_samples: training samples per family in the calibration batch of upcyclers
+            that look at activations (`split` with `partition: coactivation`).
     """
 
     moe: Any = None
     upcycler: str = "copy"
     upcycler_options: dict[str, Any] = field(default_factory=dict)
+    calibration_samples: int = 8
 
     def __post_init__(self) -> None:
         if self.moe is None:
             raise ValueError("a moe-tune stage needs `options.moe` (num_experts, router_options, layers, ...)")
         self.moe = sub_config(MoEConfig, self.moe, "moe")
         UPCYCLERS.options(self.upcycler, self.upcycler_options)
+
+
+@torch.no_grad()
+def calibration_batch(ctx: StageContext, model, options: MoETuneOptions) -> dict[str, torch.Tensor]:
+    """The LM's inputs (`inputs_embeds`, `attention_mask`) for the first `calibration_samples`
+    training samples of each of the stage's families, media spliced in by the dense model."""
+    from zoo.pipelines.collate import collate
+
+    samples = [s for f in sorted(ctx.cfg.data) for s in list(ctx.datasets[f][: options.calibration_samples])]
+    batch = collate(samples, ctx.processor)
+    keys = ("attention_mask", "images", "audio", "encoder_features")
+    spliced = model.splice(batch["input_ids"], **{k: batch[k] for k in keys if k in batch})
+    return {"inputs_embeds": spliced.inputs_embeds, "attention_mask": spliced.attention_mask}
 
 
 @STAGES.register("moe-tune", options=MoETuneOptions, example={"moe": {"num_experts": 2, "router_options": {"top_k": 1}}})
@@ -57,8 +75,9 @@ class MoETune:
     def before_training(self, ctx: StageContext, model, model_cfg, branch: Branch):
         o = self.options
         seeds = load_expert_seeds(ctx.start_dir) if ctx.start_dir is not None else None
+        needs = getattr(UPCYCLERS.build(o.upcycler, o.upcycler_options), "needs_calibration", False)
         model.language_model = upcycle(model.hf_model, o.moe, method=o.upcycler, method_options=o.upcycler_options,
-                                       expert_seeds=seeds)
+                                       expert_seeds=seeds, calibration=calibration_batch(ctx, model, o) if needs else None)
         return model, dataclasses.replace(model_cfg, moe=model.language_model.moe_config)
 
     trainable = default_trainable

@@ -208,7 +208,7 @@ class SplitUpcycler:
             return torch.randperm(f, generator=g).reshape(n, f // n)
         if calibration is None:
             raise ValueError("split upcycler: partition='coactivation' needs calibration inputs "
-                             "(upcycle(calibration=input_ids)); the moe-tune stage does not pass any yet, use partition='random' there")
+                             "(upcycle(calibration=input_ids); the moe-tune stage passes a batch of its training data)")
         profiles = neuron_activations(spec, calibration.to(spec.w_in.dtype)).t()  # [f, N]
         return balanced_kmeans(profiles, n, g).argsort(stable=True).reshape(n, f // n)
 
