@@ -69,15 +69,20 @@ def cosine_with_warmup(step: int, *, warmup_steps: int, total_steps: int, min_lr
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _no_decay(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "zoo_no_decay", False))
+
+
 def decay_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
-    """Param groups: matrices with `weight_decay`, vectors without; empty groups left out.
+    """Param groups: matrices with `weight_decay`, vectors (and tensors marked `zoo_no_decay`, such as
+    ESFT's masked expert stacks) without; empty groups left out.
 
     Each group is a fresh dict (DeepSpeed's MoE splitter mutates what it is given).
     """
     params = list(params)
     groups = [
-        {"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"name": "decay", "params": [p for p in params if p.ndim >= 2 and not _no_decay(p)], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.ndim < 2 or _no_decay(p)], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 

@@ -37,8 +37,9 @@ def test_every_stage_runs_and_writes_its_checkpoint(micro_run):
 @pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_to_the_previous_stage(micro_run):
     recipe, out, outputs = micro_run
-    for prev, stage in zip(recipe.stages, recipe.stages[1:]):
-        if stage.kind == "lora":
+    for index, stage in enumerate(recipe.stages[1:], start=1):
+        prev = recipe.start_of(index)
+        if stage.kind in ("lora", "esft"):  # they train what they choose at run time (tested on their own)
             continue
         before, after = _weights(outputs[prev.name]), _weights(outputs[stage.name])
         if stage.kind == "moe-tune":  # upcycling wraps the LM: language_model.X -> language_model.lm.X
@@ -374,3 +375,35 @@ def test_moe_tune_split_coactivation_calibrates_on_its_training_data_and_reloads
     assert moe["expert_intermediate_size"] == 16 and moe["experts"] == "swiglu"  # micro f=64 split in 4
     model, _ = load_model(got["moe-tune"])
     assert model.language_model.moe_layers()[0].experts.gate_up_proj.shape == (4, 32, 32)
+
+
+def test_esft_trains_only_the_selected_experts_and_its_adapter_restores_the_model(micro_run):
+    """ESFT: unselected experts bit-identical to moe-tune's; base + adapter == the esft checkpoint."""
+    from zoo.transforms.esft import _moe_layers, _stacked
+
+    recipe, out, outputs = micro_run
+    cfg = load_checkpoint(outputs["esft"]).config
+    info = cfg["esft"]
+    assert info["base_sha256"] and 0 < info["adapter_bytes"] < info["model_bytes"]
+    base, tuned = _weights(outputs["moe-tune"]), _weights(outputs["esft"])
+    for layer, ids in info["experts"].items():
+        scores = torch.tensor(info["relevance"][layer])
+        assert scores.sum().item() == pytest.approx(1.0, abs=1e-4)
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"language_model.lm.model.layers.{layer}.mlp.moe.experts.{name}"
+            for e in range(base[key].shape[0]):
+                assert torch.equal(base[key][e], tuned[key][e]) == (e not in ids), (layer, name, e)
+    assert all(torch.equal(base[k], tuned[k]) for k in base if ".experts." not in k)
+    from safetensors.torch import load_file
+
+    from zoo.pipelines.stages.esft import ADAPTER_FILE
+
+    model, _ = load_model(outputs["moe-tune"])
+    rows = load_file(str(outputs["esft"] / ADAPTER_FILE))
+    with torch.no_grad():
+        for layer, moe in _moe_layers(model).items():
+            ids = info["experts"].get(str(layer), [])
+            for name, p in _stacked(moe).items():
+                p[ids] = rows[f"{layer}/{name}"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tuned.items())
