@@ -98,3 +98,27 @@ def test_relevance_of_a_model_sums_to_one_per_layer_and_trains_only_the_selected
         apply_expert_adapter(load_moe_lm(other)[0], adapter, other)
     with pytest.raises(ValueError, match=r"layer 1 has experts 0..3, not \[7\]"):
         expert_gradient_masks(model, {1: [7]})
+
+
+def test_extend_moe_keeps_old_outputs_for_tokens_the_new_rows_lose_and_refuses_what_it_cannot_extend():
+    from zoo import MoEConfig
+    from zoo.moe.layer import build_sparse_moe
+    from zoo.transforms.extend import extend_moe
+
+    cfg = MoEConfig(num_experts=4, router_options={"top_k": 2})
+    torch.manual_seed(0)
+    moe = build_sparse_moe(cfg, 32, 48)
+    with torch.no_grad():  # tokens whose two best old logits are positive: a zero new row never wins
+        x = 50 * (moe.router.weight[0] + moe.router.weight[1]) + 0.01 * torch.randn(6, 32)
+        ref, before = moe(x)
+        assert (before.logits.topk(2).values > 0).all()
+        extend_moe(moe, cfg, 2, [1, 3])
+        moe.router.weight[4:] = 0
+        got, routing = moe(x)
+    assert moe.experts.num_experts == 6 and int(routing.indices.max()) < 4
+    torch.testing.assert_close(got, ref)  # new experts only add choices: old routing, old outputs
+    with pytest.raises(ValueError, match="number of new experts must be >= 1"):
+        extend_moe(moe, cfg, 0, [])
+    null_cfg = MoEConfig(num_experts=4, router="null_experts", router_options={"top_k": 2, "num_null": 2})
+    with pytest.raises(ValueError, match="MoExtend adds rows to a router whose state is one weight"):
+        extend_moe(build_sparse_moe(null_cfg, 32, 48), null_cfg, 1, [0])

@@ -39,7 +39,7 @@ def test_frozen_parameters_are_bit_identical_to_the_previous_stage(micro_run):
     recipe, out, outputs = micro_run
     for index, stage in enumerate(recipe.stages[1:], start=1):
         prev = recipe.start_of(index)
-        if stage.kind in ("lora", "esft"):  # they train what they choose at run time (tested on their own)
+        if stage.kind in ("lora", "esft", "extend"):  # they train what they choose at run time (tested on their own)
             continue
         before, after = _weights(outputs[prev.name]), _weights(outputs[stage.name])
         if stage.kind == "moe-tune":  # upcycling wraps the LM: language_model.X -> language_model.lm.X
@@ -407,3 +407,21 @@ def test_esft_trains_only_the_selected_experts_and_its_adapter_restores_the_mode
                 p[ids] = rows[f"{layer}/{name}"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tuned.items())
+
+
+def test_extend_adds_experts_and_keeps_every_old_weight_bit_identical(micro_run):
+    """MoExtend: old experts, old router rows and all else equal moe-tune's; the new rows trained; reloads."""
+    recipe, out, outputs = micro_run
+    base, ext = _weights(outputs["moe-tune"]), _weights(outputs["extend"])
+    info = load_checkpoint(outputs["extend"]).config["extend"]
+    e = recipe.stage("moe-tune").options.moe.num_experts
+    stacked = [k for k in ext if ".mlp.moe.experts." in k or k.endswith(".mlp.moe.router.weight")]
+    assert stacked
+    for k in stacked:
+        assert ext[k].shape[0] == e + 2
+        assert torch.equal(ext[k][:e], base[k]), f"old rows of {k} changed"
+    assert any(not torch.equal(ext[k][e:], base[k][info["seeded_from"][k.split("layers.")[1].split(".")[0]]])
+               for k in stacked), "the new experts did not train"
+    assert all(torch.equal(base[k], ext[k]) for k in base if k not in stacked)
+    model, cfg = load_model(outputs["extend"])
+    assert cfg.moe.num_experts == e + 2 and model.language_model.moe_layers()[0].experts.num_experts == e + 2

@@ -5,7 +5,7 @@ MoE-LLaVA / Uni-MoE order: `pretrain-lm` (the dense LM on text) -> `align` (conn
 routers + experts) -> `lora` (one adapter per task family).
 """
 
-from zoo.pipelines.stages import align, esft, lora, moe_tune, pretrain_lm, specialize  # noqa: F401  (register)
+from zoo.pipelines.stages import align, esft, extend, lora, moe_tune, pretrain_lm, specialize  # noqa: F401  (register)
 from zoo.pipelines.stages.base import STAGES, Branch, Stage, StageConfig, StageContext
 from zoo.pipelines.stages.recipe import EvalSpec, RecipeConfig
 
