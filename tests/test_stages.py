@@ -379,7 +379,7 @@ def test_moe_tune_split_coactivation_calibrates_on_its_training_data_and_reloads
 
 def test_esft_trains_only_the_selected_experts_and_its_adapter_restores_the_model(micro_run):
     """ESFT: unselected experts bit-identical to moe-tune's; base + adapter == the esft checkpoint."""
-    from zoo.transforms.esft import _moe_layers, _stacked
+    from zoo.transforms.esft import load_adapter_tensors
 
     recipe, out, outputs = micro_run
     cfg = load_checkpoint(outputs["esft"]).config
@@ -399,12 +399,8 @@ def test_esft_trains_only_the_selected_experts_and_its_adapter_restores_the_mode
     from zoo.pipelines.stages.esft import ADAPTER_FILE
 
     model, _ = load_model(outputs["moe-tune"])
-    rows = load_file(str(outputs["esft"] / ADAPTER_FILE))
-    with torch.no_grad():
-        for layer, moe in _moe_layers(model).items():
-            ids = info["experts"].get(str(layer), [])
-            for name, p in _stacked(moe).items():
-                p[ids] = rows[f"{layer}/{name}"]
+    selected = {int(k): v for k, v in info["experts"].items()}
+    load_adapter_tensors(model, selected, load_file(str(outputs["esft"] / ADAPTER_FILE)))
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tuned.items())
 

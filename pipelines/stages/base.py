@@ -169,6 +169,16 @@ class StageContext:
         return train_model(self, model, stage, out, name)
 
 
+def sample_batches(ctx: StageContext, families, per_family: int, batch_size: int | None = None) -> list[dict]:
+    """Model inputs for the first `per_family` training samples of each of `families`, collated in
+    batches of `batch_size` (None: one batch); what stages score or calibrate on before training."""
+    from zoo.pipelines.collate import collate
+
+    samples = [s for f in sorted(families) for s in list(ctx.datasets[f][:per_family])]
+    size = batch_size or max(len(samples), 1)
+    return [collate(samples[i : i + size], ctx.processor) for i in range(0, len(samples), size)]
+
+
 def keep(self, ctx: StageContext, model, model_cfg, branch: Branch):
     """A `before_training` hook that changes nothing."""
     return model, model_cfg

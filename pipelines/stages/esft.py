@@ -12,14 +12,13 @@ to the model's in its config (`esft`). `apply_expert_adapter` puts the adapter o
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-import torch
 from safetensors.torch import save
 
-from zoo.pipelines.stages.base import STAGES, Branch, StageConfig, StageContext, single_branch
-from zoo.transforms.esft import RELEVANCE, _moe_layers, _stacked, base_identity, expert_gradient_masks, expert_relevance, select_experts
+from zoo.pipelines.stages.base import STAGES, Branch, StageConfig, StageContext, sample_batches, single_branch
+from zoo.transforms.esft import (RELEVANCE, adapter_tensors, base_identity, expert_gradient_masks, expert_relevance,
+                                 moe_layers_of, select_experts, stacked_params)
 
 ADAPTER_FILE = "esft_experts.safetensors"
 
@@ -67,15 +66,12 @@ class ESFT:
         return [Branch(f"{cfg.name}-{f}", {f: 1.0}, f"{cfg.name}/{f}", f"{cfg.name}:{f}", family=f) for f in sorted(cfg.data)]
 
     def before_training(self, ctx: StageContext, model, model_cfg, branch: Branch):
-        from zoo.pipelines.collate import collate
-
         o = self.options
-        samples = [s for f in sorted(branch.data) for s in list(ctx.datasets[f][: o.score_samples])]
-        batches = [collate(samples[i : i + ctx.cfg.batch_size], ctx.processor) for i in range(0, len(samples), ctx.cfg.batch_size)]
+        batches = sample_batches(ctx, branch.data, o.score_samples, ctx.cfg.batch_size)
         relevance = expert_relevance(model, batches, o.metric)
         selected = select_experts(relevance, o.p)
-        for moe in _moe_layers(model).values():
-            for p in _stacked(moe).values():
+        for moe in moe_layers_of(model).values():
+            for p in stacked_params(moe).values():
                 p.zoo_no_decay = True  # AdamW's decay would move the masked rows (see `decay_groups`)
         self._state[branch.path] = {"relevance": relevance, "selected": selected,
                                     "handles": expert_gradient_masks(model, selected)}
@@ -84,17 +80,14 @@ class ESFT:
     def trainable(self, model, branch: Branch) -> list[str]:
         selected = self._state[branch.path]["selected"]
         names = {id(p): n for n, p in model.named_parameters()}
-        return [names[id(p)] for layer, moe in _moe_layers(model).items() if selected.get(layer)
-                for p in _stacked(moe).values()]
+        return [names[id(p)] for layer, moe in moe_layers_of(model).items() if selected.get(layer)
+                for p in stacked_params(moe).values()]
 
     def after_training(self, ctx: StageContext, model, model_cfg, branch: Branch):
         state = self._state.pop(branch.path)
         for h in state["handles"]:
             h.remove()
-        layers = _moe_layers(model)
-        tensors = {f"{layer}/{name}": p.detach()[ids].contiguous().cpu()
-                   for layer, ids in sorted(state["selected"].items()) for name, p in _stacked(layers[layer]).items()}
-        blob = save(tensors)
+        blob = save(adapter_tensors(model, state["selected"]))
         info = {
             "metric": self.options.metric, "p": self.options.p,
             "experts": {str(k): v for k, v in sorted(state["selected"].items())},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from zoo.pipelines.stages.base import STAGES, Branch, StageContext, single_branch
+from zoo.pipelines.stages.base import STAGES, Branch, StageContext, sample_batches, single_branch
 from zoo.transforms.esft import expert_relevance
 from zoo.transforms.extend import extend_moe, extended_params, old_row_masks
 
@@ -53,15 +53,10 @@ class Extend:
         return single_branch(cfg)
 
     def before_training(self, ctx: StageContext, model, model_cfg, branch: Branch):
-        from zoo.pipelines.collate import collate
-
         o = self.options
         if model_cfg.moe is None:
             raise ValueError("an extend stage starts from an MoE model (put it after moe-tune)")
-        samples = [s for f in sorted(branch.data) for s in list(ctx.datasets[f][: o.score_samples])]
-        bs = ctx.cfg.batch_size
-        batches = [collate(samples[i : i + bs], ctx.processor) for i in range(0, len(samples), bs)]
-        relevance = expert_relevance(model, batches, "token")
+        relevance = expert_relevance(model, sample_batches(ctx, branch.data, o.score_samples, ctx.cfg.batch_size), "token")
         moes = model.language_model.moe_layers()
         e = model_cfg.moe.num_experts
         for layer, moe in moes.items():

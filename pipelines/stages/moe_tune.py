@@ -15,7 +15,8 @@ import torch
 
 from zoo.config import sub_config
 from zoo.moe.config import MoEConfig
-from zoo.pipelines.stages.base import STAGES, Branch, StageContext, default_trainable, nothing_after, single_branch
+from zoo.pipelines.stages.base import (STAGES, Branch, StageContext, default_trainable, nothing_after, sample_batches,
+                                      single_branch)
 from zoo.pipelines.stages.specialize import load_expert_seeds
 from zoo.transforms.upcycle import UPCYCLERS, upcycle
 
@@ -49,10 +50,7 @@ class MoETuneOptions:
 def calibration_batch(ctx: StageContext, model, options: MoETuneOptions) -> dict[str, torch.Tensor]:
     """The LM's inputs (`inputs_embeds`, `attention_mask`) for the first `calibration_samples`
     training samples of each of the stage's families, media spliced in by the dense model."""
-    from zoo.pipelines.collate import collate
-
-    samples = [s for f in sorted(ctx.cfg.data) for s in list(ctx.datasets[f][: options.calibration_samples])]
-    batch = collate(samples, ctx.processor)
+    (batch,) = sample_batches(ctx, ctx.cfg.data, options.calibration_samples)
     keys = ("attention_mask", "images", "audio", "encoder_features")
     spliced = model.splice(batch["input_ids"], **{k: batch[k] for k in keys if k in batch})
     return {"inputs_embeds": spliced.inputs_embeds, "attention_mask": spliced.attention_mask}

@@ -83,10 +83,8 @@ def expert_relevance(model: nn.Module, batches: Iterable[Mapping], metric: str =
     """
     from zoo.models.lm import MoECausalLM
 
-    lm = model if isinstance(model, MoECausalLM) else getattr(model, "language_model", None)
-    if not isinstance(lm, MoECausalLM):
-        raise ValueError(f"ESFT: {type(model).__name__} has no sparse MoE language model to score")
-    layers = lm.moe_layers()
+    layers = moe_layers_of(model)
+    lm = model if isinstance(model, MoECausalLM) else model.language_model  # its MoE layers only, not an encoder's
     sums: dict[int, torch.Tensor] = {}
     samples = 0
     was_training = model.training
@@ -131,18 +129,27 @@ def select_experts(relevance: Mapping[int, torch.Tensor], p: float) -> dict[int,
     return chosen
 
 
-def _stacked(moe) -> dict[str, nn.Parameter]:
+def stacked_params(moe) -> dict[str, nn.Parameter]:
+    """A `SparseMoE`'s stacked `[E, ...]` expert parameters by name."""
     experts = moe.experts
     return {n: p for n, p in experts.named_parameters(recurse=False) if p.shape[0] == experts.num_experts}
 
 
-def _moe_layers(model: nn.Module) -> dict:
+def moe_layers_of(model: nn.Module) -> dict:
+    """Layer -> `SparseMoE` of an `MoECausalLM`, or of a `MultimodalMoE`'s language model."""
     from zoo.models.lm import MoECausalLM
 
     lm = model if isinstance(model, MoECausalLM) else getattr(model, "language_model", None)
     if not isinstance(lm, MoECausalLM):
-        raise ValueError(f"ESFT: {type(model).__name__} has no sparse MoE language model")
+        raise ValueError(f"{type(model).__name__} has no sparse MoE language model")
     return lm.moe_layers()
+
+
+def row_mask(p: torch.Tensor, rows: list[int], keep: bool):
+    """A gradient hook on `p` that lets through only rows `rows` (keep=True) or all but them (keep=False)."""
+    mask = torch.full((p.shape[0], *([1] * (p.dim() - 1))), 0.0 if keep else 1.0, device=p.device, dtype=p.dtype)
+    mask[list(rows)] = 1.0 if keep else 0.0
+    return p.register_hook(lambda g, mask=mask: g * mask)
 
 
 def _check_selection(layers: Mapping, selected: Mapping[int, list[int]]) -> None:
@@ -161,21 +168,19 @@ def expert_gradient_masks(model: nn.Module, selected: Mapping[int, list[int]]) -
     Returns:
         The hook handles (call `.remove()` on each to lift the masks).
     """
-    layers = _moe_layers(model)
+    layers = moe_layers_of(model)
     _check_selection(layers, selected)
     handles = []
     for layer, moe in layers.items():
-        for p in _stacked(moe).values():
-            keep = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), device=p.device, dtype=p.dtype)
-            keep[list(selected.get(layer, []))] = 1
-            handles.append(p.register_hook(lambda g, keep=keep: g * keep))
+        for p in stacked_params(moe).values():
+            handles.append(row_mask(p, selected.get(layer, []), keep=True))
     return handles
 
 
 def esft_param_groups(model: nn.Module, selected: Mapping[int, list[int]], weight_decay: float) -> list[dict]:
     """AdamW groups for ESFT: the MoE layers' stacked expert parameters without weight decay (so
     masked rows stay bit-identical), every other trainable matrix with `weight_decay`."""
-    stacked = {id(p) for moe in _moe_layers(model).values() for p in _stacked(moe).values()}
+    stacked = {id(p) for moe in moe_layers_of(model).values() for p in stacked_params(moe).values()}
     params = [p for p in model.parameters() if p.requires_grad]
     experts = [p for p in params if id(p) in stacked]
     rest = [p for p in params if id(p) not in stacked]
@@ -198,12 +203,7 @@ def save_expert_adapter(model: nn.Module, selected: Mapping[int, list[int]], pat
     Files: `experts.safetensors` (`"<layer>/<param>"` -> `[n_selected, ...]` rows, in `selected`
     order), `adapter.json` (`kind`, `experts` {layer: ids}, `base_sha256`) and `manifest.json`.
     """
-    layers = _moe_layers(model)
-    _check_selection(layers, selected)
-    tensors = {}
-    for layer, ids in sorted(selected.items()):
-        for name, p in _stacked(layers[layer]).items():
-            tensors[f"{layer}/{name}"] = p.detach()[list(ids)].contiguous().cpu()
+    tensors = adapter_tensors(model, selected)
     config = {"kind": ADAPTER_KIND, "experts": {str(k): list(v) for k, v in sorted(selected.items())},
               "base_sha256": base_identity(base_dir)}
 
@@ -230,20 +230,40 @@ def apply_expert_adapter(model: nn.Module, path: str | os.PathLike, base_dir: st
     if config["base_sha256"] != have:
         raise CheckpointError(f"expert adapter {str(path)!r} was made for base {config['base_sha256']}, "
                               f"but {str(base_dir)!r} is {have}")
-    layers = _moe_layers(model)
     selected = {int(k): v for k, v in config["experts"].items()}
+    return load_adapter_tensors(model, selected, load_file(str(Path(path) / ADAPTER_WEIGHTS)))
+
+
+def adapter_tensors(model: nn.Module, selected: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
+    """`"<layer>/<param>"` -> the selected experts' rows `[n_selected, ...]` (in `selected` order)."""
+    layers = moe_layers_of(model)
     _check_selection(layers, selected)
-    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    return {f"{layer}/{name}": p.detach()[list(ids)].contiguous().cpu()
+            for layer, ids in sorted(selected.items()) for name, p in stacked_params(layers[layer]).items()}
+
+
+def load_adapter_tensors(model: nn.Module, selected: Mapping[int, list[int]], tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Write `adapter_tensors` output back into `model`'s experts, in place.
+
+    Raises:
+        ValueError: a tensor is missing or has the wrong shape, or the selection does not fit the model.
+    """
+    layers = moe_layers_of(model)
+    _check_selection(layers, selected)
     with torch.no_grad():
         for layer, ids in selected.items():
-            for name, p in _stacked(layers[layer]).items():
-                rows = tensors[f"{layer}/{name}"]
+            for name, p in stacked_params(layers[layer]).items():
+                key = f"{layer}/{name}"
+                if key not in tensors:
+                    raise ValueError(f"expert adapter: no tensor {key!r} (it has {sorted(tensors)})")
+                rows = tensors[key]
                 if tuple(rows.shape) != (len(ids), *p.shape[1:]):
-                    raise ValueError(f"expert adapter: {layer}/{name} has shape {tuple(rows.shape)}, the model's "
+                    raise ValueError(f"expert adapter: {key} has shape {tuple(rows.shape)}, the model's "
                                      f"experts need {(len(ids), *p.shape[1:])}")
                 p[list(ids)] = rows.to(device=p.device, dtype=p.dtype)
     return model
 
 
-__all__ = ["ADAPTER_KIND", "RELEVANCE", "apply_expert_adapter", "base_identity", "esft_param_groups",
-           "expert_gradient_masks", "expert_relevance", "routing_relevance", "save_expert_adapter", "select_experts"]
+__all__ = ["ADAPTER_KIND", "RELEVANCE", "adapter_tensors", "apply_expert_adapter", "base_identity", "esft_param_groups",
+           "expert_gradient_masks", "expert_relevance", "load_adapter_tensors", "moe_layers_of", "routing_relevance",
+           "row_mask", "save_expert_adapter", "select_experts", "stacked_params"]

@@ -65,12 +65,11 @@ def extend_moe(moe, cfg: MoEConfig, num_new: int, init_from: list[int], where: s
 
 def old_row_masks(moe, num_old: int) -> list:
     """Gradient hooks zeroing rows `< num_old` of the layer's stacked experts and router weight."""
+    from zoo.transforms.esft import row_mask
+
     handles = []
-    params = [p for p in moe.experts.parameters(recurse=False)] + [moe.router.weight]
-    for p in params:
-        keep = torch.ones(p.shape[0], *([1] * (p.dim() - 1)), device=p.device, dtype=p.dtype)
-        keep[:num_old] = 0
-        handles.append(p.register_hook(lambda g, keep=keep: g * keep))
+    for p in [*moe.experts.parameters(recurse=False), moe.router.weight]:
+        handles.append(row_mask(p, list(range(num_old)), keep=False))
         p.zoo_no_decay = True  # AdamW's decoupled decay would move the frozen rows
     return handles
 

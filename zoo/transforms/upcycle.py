@@ -218,9 +218,9 @@ class SplitUpcycler:
         whole = EXPERTS.get(cfg.experts).from_dense(mlp, 1)
         groups = self.groups(mlp, cfg, layer, calibration)
         n, width = groups.shape
+        ref = getattr(whole, whole.in_proj)
         experts = EXPERTS.build(cfg.experts, cfg.experts_options, num_experts=n, hidden_size=whole.hidden_size,
-                                intermediate_size=width).to(device=whole.down_proj.device if hasattr(whole, "down_proj")
-                                                            else whole.fc1.device, dtype=getattr(whole, whole.in_proj).dtype)
+                                intermediate_size=width).to(device=ref.device, dtype=ref.dtype)
         scale = float(cfg.router_options.get("top_k", 1)) if self.output_scale == "top_k" else 1.0
         w_in, w_out = getattr(whole, whole.in_proj)[0], getattr(whole, whole.out_proj)[0]
         with torch.no_grad():
@@ -308,7 +308,7 @@ def _config(cfg: MoEConfig | None, kwargs: dict[str, Any], who: str) -> MoEConfi
 
 def resolve_experts(cfg: MoEConfig, spec: FFNSpec, where: str) -> MoEConfig:
     """`cfg` with `experts="auto"` replaced by the kind (and options) that holds the dense FFN `spec`;
-    an explicit kind is checked against it."""
+    an explicit kind is kept (`upcycle_layers` then checks that it can hold the FFN)."""
     kind, options = expert_kind_for(spec)
     if cfg.experts == "auto":
         return dataclasses.replace(cfg, experts=kind, experts_options=options)
