@@ -28,7 +28,7 @@ import zoo
 from zoo.io.checkpoint import CheckpointError, verify_checkpoint
 from zoo.pipelines.cli import main
 from zoo.io.hub import IntegrityError
-from zoo.catalog.install import NotBuiltError, install_dir, read_card, set_card_metrics
+from zoo.catalog.install import LoadError, NotBuiltError, install_dir, read_card, set_card_metrics
 from zoo.catalog.cards import CatalogError, get_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,7 @@ def built(tmp_path_factory):
         _write_card(cards, "micro-vqa", version, recipe=str(MICRO), output="lora-vqa")
     _write_card(cards, "micro-asr", recipe=str(MICRO), output="lora-asr", task_family="asr")
     _write_card(cards, "micro-moe", recipe=str(MICRO), output="moe-tune", task_family="multitask")
+    _write_card(cards, "micro-esft", recipe=str(MICRO), output="esft", base="micro-moe@^1.0", task_family="multitask")
     other = root / "other.yaml"  # a recipe nobody builds
     other.write_text(MICRO.read_text().replace("../models/micro-zoo.yaml", str(ROOT / "configs/models/micro-zoo.yaml")))
     _write_card(cards, "micro-other", recipe=str(other), output="lora-vqa")
@@ -84,7 +85,7 @@ def _batch(processor):
 
 def test_build_installs_every_card_of_the_recipe(built, capsys):
     home = Path(built[0]["ZOO_HOME"])
-    for ref in ("micro-vqa/1.0.0", "micro-vqa/1.1.0", "micro-asr/1.0.0", "micro-moe/1.0.0"):
+    for ref in ("micro-vqa/1.0.0", "micro-vqa/1.1.0", "micro-asr/1.0.0", "micro-moe/1.0.0", "micro-esft/1.0.0"):
         verify_checkpoint(home / "models" / ref)
         name, version = ref.split("/")
         card = read_card(home / "models" / ref)
@@ -110,6 +111,51 @@ def test_load_round_trip_equals_the_recipe_output(built):
         assert torch.equal(model(**batch).logits, ref(**batch).logits)
     model16, _ = zoo.load("micro-vqa@1.0.0", dtype=torch.bfloat16)
     assert next(model16.parameters()).dtype == torch.bfloat16
+
+
+def test_expert_adapter_card_installs_only_the_adapter_and_loads_onto_its_base(built, tmp_path, monkeypatch, capsys):
+    """ESFT: the adapter card holds the selected experts alone; base + adapter == the esft output exactly."""
+    from zoo.io.checkpoint import weights_identity
+    from zoo.io.expert_adapter import read_expert_adapter
+    from zoo.pipelines.runner import load_model
+
+    home = Path(built[0]["ZOO_HOME"])
+    installed = home / "models" / "micro-esft" / "1.0.0"
+    assert not (installed / "model.safetensors").exists()  # not a whole model
+    adapter = read_expert_adapter(installed)
+    assert adapter.base == "micro-moe@1.0.0"
+    assert adapter.base_sha256 == weights_identity(home / "models" / "micro-moe" / "1.0.0")
+    assert adapter.experts and all(adapter.experts.values())
+    output = home / "runs" / "micro" / "esft" / "model"
+    stored = sum(p.stat().st_size for p in installed.rglob("*.safetensors"))
+    whole = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
+    assert stored < whole / 2, (stored, whole)
+
+    model, processor = zoo.load("micro-esft")
+    ref, _ = load_model(output)
+    got, want = model.state_dict(), ref.eval().state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), "base + adapter != merged"
+    base_model, _ = zoo.load("micro-moe")
+    differs = [k for k in got if not torch.equal(got[k], base_model.state_dict()[k])]
+    assert differs and all(".experts." in k for k in differs), differs  # only expert rows changed
+    batch = _batch(processor)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, ref(**batch).logits)
+    assert main(["load", "micro-esft"]) == 0
+    assert "micro-esft@1.0.0: micro-zoo," in capsys.readouterr().out
+
+    # The same adapter over another base (micro-vqa: the moe-tune model with a LoRA merged in) is refused.
+    cards = tmp_path / "cards"
+    shutil.copytree(built[0]["ZOO_MODEL_CARDS"], cards)
+    text = (cards / "micro-esft-1.0.0.md").read_text().replace("base: micro-moe@^1.0", "base: micro-vqa@1.0.0")
+    (cards / "micro-esft-1.0.0.md").write_text(text)
+    monkeypatch.setenv("ZOO_MODEL_CARDS", str(cards))
+    other = weights_identity(home / "models" / "micro-vqa" / "1.0.0")
+    with pytest.raises(CheckpointError, match=rf"made for base {adapter.base_sha256}, but .* is {other}"):
+        zoo.load("micro-esft")
+    (cards / "micro-esft-1.0.0.md").write_text(text.replace("base: micro-vqa@1.0.0", "base: micro-esft@1.0.0"))
+    with pytest.raises(LoadError, match=r"its base micro-esft@1.0.0 is itself an expert adapter"):
+        zoo.load("micro-esft")
 
 
 def test_registry_errors_and_not_built(built, capsys):

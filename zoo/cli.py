@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from zoo.catalog.cards import Catalog, CatalogError
-from zoo.catalog.install import LoadError, is_installed, locate, render_card
-from zoo.catalog.load import load_directory
+from zoo.catalog.install import LoadError, is_installed, render_card
+from zoo.catalog.load import load_card, load_directory
 from zoo.io.checkpoint import CheckpointError, verify_checkpoint
 from zoo.io.export import FORMATS, ExportError
 from zoo.io.hub import HubError
@@ -61,8 +61,7 @@ def _resolve_model(target: str, version: str | None, cards_dir, device: str = "c
         model, processor, cfg = load_directory(path, device=device, dtype=dtype)
         return model, processor, cfg, path, None
     card = Catalog.from_dir(cards_dir).get(target, version)
-    directory = locate(card)
-    model, processor, cfg = load_directory(directory, device=device, dtype=dtype, card=card)
+    model, processor, cfg, directory = load_card(card, device=device, dtype=dtype)
     return model, processor, cfg, directory, card
 
 

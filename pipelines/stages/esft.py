@@ -7,7 +7,9 @@ those experts: gradient masks on the stacked `[E, ...]` parameters and no weight
 so every other expert, the routers and everything else stay bit-identical. The output is the
 fine-tuned model plus its expert adapter (`esft_experts.safetensors`: the selected rows) with the
 selection, the relevance scores, the base checkpoint's manifest sha256 and the adapter's size next
-to the model's in its config (`esft`). `apply_expert_adapter` puts the adapter on the base.
+to the model's in its config (`esft`). `apply_expert_adapter` puts the adapter on the base; a model
+card with `base:` naming the start model's card installs the adapter alone (`zoo.io.expert_adapter`),
+and `zoo.load` of that card loads the base and applies it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 
 from safetensors.torch import save
 
+from zoo.io.expert_adapter import EMBEDDED_KEY, EMBEDDED_WEIGHTS
 from zoo.pipelines.stages.base import STAGES, Branch, StageConfig, StageContext, sample_batches, single_branch
 from zoo.transforms.esft import (RELEVANCE, adapter_tensors, base_identity, expert_gradient_masks, expert_relevance,
                                  moe_layers_of, select_experts, stacked_params)
 
-ADAPTER_FILE = "esft_experts.safetensors"
+ADAPTER_FILE = EMBEDDED_WEIGHTS
 
 
 @dataclass
@@ -96,7 +99,7 @@ class ESFT:
             "adapter_bytes": len(blob),
             "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
-        extra = {"esft": info, **({"task_family": branch.family} if branch.family else {})}
+        extra = {EMBEDDED_KEY: info, **({"task_family": branch.family} if branch.family else {})}
         return model, model_cfg, extra, {ADAPTER_FILE: blob}
 
 

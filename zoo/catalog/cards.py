@@ -13,6 +13,7 @@ A card is the single source of truth for one released checkpoint::
     sha256: <64 hex digits>        # required for http(s) files
     recipe: configs/recipes/x.yaml # how `zoo build` makes it (relative to the folder holding model_cards/)
     output: lora-vqa               # which of the recipe's outputs this card releases
+    base: moe-llava-tiny@^1.2      # only for an expert adapter (ESFT): the card of the model it applies to
     base_components: [Qwen2-0.5B, ...]
     metrics:
       - {name: accuracy, value: 0.71, command: "zoo eval CHECKPOINT --family x", dataset: x}
@@ -22,6 +23,10 @@ A card is the single source of truth for one released checkpoint::
 nothing has been measured yet (built checkpoints get their measured metrics in the installed copy
 of the card).
     Prose...
+
+A card with a `base` releases an expert adapter (`zoo.io.expert_adapter`), not a whole model: what
+it installs is the adapter alone (the selected experts' rows), and `zoo.load` loads the base card's
+model, checks that it is the base the adapter was made from, and applies the adapter.
 
 Versions are compared as semver (numbers as numbers, pre-releases before releases), never as
 strings. A version request is None (the newest release), an exact version ("1.2.0"), a caret
@@ -44,7 +49,7 @@ import yaml
 
 CARD_FIELDS = frozenset(
     {"name", "version", "task_family", "description", "license", "config", "uri", "sha256", "recipe",
-     "output", "base_components", "metrics"}
+     "output", "base", "base_components", "metrics"}
 )
 REQUIRED_FIELDS = ("name", "version", "task_family", "description", "license", "config")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -206,6 +211,8 @@ class ModelCard:
             (the parent of the cards directory) unless absolute.
         output: the recipe output this card releases (a stage name, or `<lora stage>-<family>`);
             required with `recipe`.
+        base: for an expert adapter card, the card of the model it applies to (`NAME` or
+            `NAME@VERSION-REQUEST`); None for a whole model.
         base_components: pretrained parts it starts from.
         metrics: measured metrics with their commands.
         path: the card file.
@@ -222,6 +229,7 @@ class ModelCard:
     sha256: str | None = None
     recipe: str | None = None
     output: str | None = None
+    base: str | None = None
     base_components: tuple[str, ...] = ()
     metrics: tuple[Metric, ...] = ()
     path: Path | None = None
@@ -337,6 +345,11 @@ def parse_card(path: str | os.PathLike) -> ModelCard:
         sha256 = sha256.lower()
     if isinstance(uri, str) and uri.startswith(("http://", "https://")) and sha256 is None:
         raise CatalogError(f"{where}: an http(s) 'uri' needs the file's 'sha256'")
+    base_card = data.get("base")
+    if base_card is not None:
+        if not isinstance(base_card, str) or not _NAME_RE.fullmatch(base_card.split("@", 1)[0].strip()):
+            raise CatalogError(f"{where}: 'base' must name the base model's card as NAME or NAME@VERSION-REQUEST, got {base_card!r}")
+        base_card = base_card.strip()
     base = data.get("base_components") or []
     if not isinstance(base, list) or not all(isinstance(b, str) and b for b in base):
         raise CatalogError(f"{where}: 'base_components' must be a list of names")
@@ -351,6 +364,7 @@ def parse_card(path: str | os.PathLike) -> ModelCard:
         sha256=sha256,
         recipe=_text(data, "recipe", where) if recipe is not None else None,
         output=_text(data, "output", where, _NAME_RE) if output is not None else None,
+        base=base_card,
         base_components=tuple(base),
         metrics=_metrics(data.get("metrics"), where),
         path=path,

@@ -11,7 +11,8 @@ Where a card's checkpoint comes from, in order:
 3. otherwise a card with a `recipe` is not built yet, and the error names the `zoo build` command.
 
 An installed checkpoint is a model directory (`zoo.io.model_dir`) whose `README.md` is the model
-card with the measured metrics.
+card with the measured metrics; for a card with a `base`, it is the expert adapter alone
+(`zoo.io.expert_adapter`, with the base's card reference recorded), whatever the source held.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def install(
     """
     source = Path(source)
     verify_checkpoint(source)
+    if card.base is not None:
+        return _install_adapter(card, source, metrics, overwrite)
     if metrics is None:
         config = _read_config(source)
         if isinstance(config.get("metrics"), (Mapping, list)) and config["metrics"]:
@@ -155,6 +158,36 @@ def install(
     return atomic_directory_write(
         install_dir(card), lambda tmp: _copy_checkpoint(source, tmp, {CARD_FILE: text}), overwrite=overwrite
     )
+
+
+def base_card(card: ModelCard) -> ModelCard:
+    """The card of the model an expert adapter card applies to (from the same cards directory)."""
+    from zoo.catalog.cards import Catalog
+
+    if card.base is None:
+        raise LoadError(f"{card.ref} is not an expert adapter card (it has no 'base')")
+    try:
+        base = Catalog.from_dir(card.path.parent if card.path is not None else None).get(card.base)
+    except CatalogError as e:
+        raise LoadError(f"{card.ref}: its base {card.base!r} is not in the catalogue: {e}") from None
+    if base.base is not None:
+        raise LoadError(f"{card.ref}: its base {base.ref} is itself an expert adapter (of {base.base}); "
+                        "an adapter applies to a whole model")
+    return base
+
+
+def _install_adapter(card: ModelCard, source: Path, metrics, overwrite: bool) -> Path:
+    """Install only the expert adapter of `source` (an adapter directory or an `esft` stage output) for `card`."""
+    from zoo.io.expert_adapter import embedded_expert_adapter, is_expert_adapter, read_expert_adapter, write_expert_adapter
+
+    adapter = read_expert_adapter(source) if is_expert_adapter(source) else embedded_expert_adapter(source)
+    adapter.base = base_card(card).ref
+    if metrics is None and not is_expert_adapter(source):
+        config = _read_config(source)
+        if isinstance(config.get("metrics"), Mapping) and config["metrics"]:
+            metrics = config["metrics"]
+    text = render_card(card, metrics).encode("utf-8")
+    return write_expert_adapter(install_dir(card), adapter, extra_files={CARD_FILE: text}, overwrite=overwrite)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -258,6 +291,7 @@ def locate(card: ModelCard) -> Path:
 __all__ = [
     "CARD_FILE",
     "LoadError",
+    "base_card",
     "NotBuiltError",
     "build_command",
     "install",

@@ -348,6 +348,26 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def is_weight_file(rel: str) -> bool:
+    """Whether a checkpoint-relative name is one of its weight files (`model.safetensors`, a shard, the index)."""
+    return rel in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or (
+        "/" not in rel and rel.startswith("model-") and rel.endswith(".safetensors") and "-of-" in rel)
+
+
+def weights_identity(directory: str | os.PathLike) -> str:
+    """A checkpoint's weights' identity: sha256 over its weight files' (verified) sha256s.
+
+    Unlike the manifest's own hash it ignores the extra files (model card, tokenizer, ...), so a
+    checkpoint installed under another card, or re-carded with measured metrics, keeps it; any
+    changed weight changes it. What expert adapters name as their base.
+    """
+    files = verify_checkpoint(directory)["files"]
+    weights = {rel: entry["sha256"].lower() for rel, entry in sorted(files.items()) if is_weight_file(rel)}
+    if not weights:
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no weight files ({WEIGHTS_NAME} or shards)")
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+
+
 def _check_listed_name(rel: str, root: Path) -> None:
     if PurePosixPath(rel).is_absolute() or ".." in rel.split("/"):
         raise CheckpointError(f"checkpoint {str(root)!r}: manifest lists a path outside the directory: {rel!r}")
@@ -462,6 +482,7 @@ __all__ = [
     "read_manifest",
     "save_checkpoint",
     "sha256_file",
+    "weights_identity",
     "verify_checkpoint",
     "write_manifest",
 ]

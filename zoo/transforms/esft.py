@@ -17,32 +17,28 @@ p, fine-tune only those and ship only them. The pieces, each usable alone:
   decoupled decay would shrink frozen rows too; a choice: the selected rows lose decay as well),
   so with AdamW every other expert stays bit-identical.
 - `save_expert_adapter` / `apply_expert_adapter`: the selected experts' rows as safetensors, their
-  layer/expert ids and the base checkpoint's identity (the sha256 of its `manifest.json`, which
-  holds the sha256 of every file), in a checkpoint directory with its own manifest. Applying it
-  to another base is refused naming both hashes.
+  layer/expert ids and the base checkpoint's identity (`zoo.io.checkpoint.weights_identity`: a
+  hash of its weight files' sha256s), in a checkpoint directory with its own manifest (the format:
+  `zoo.io.expert_adapter`). Applying it to another base is refused naming both hashes.
 
 Written by hand: PEFT has no notion of routed experts inside stacked `[E, ...]` parameters.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo.io.checkpoint import MANIFEST_NAME, CheckpointError, atomic_directory_write, sha256_file, verify_checkpoint, write_manifest
+from zoo.io.checkpoint import CheckpointError, weights_identity
+from zoo.io.expert_adapter import ADAPTER_KIND, ExpertAdapter, read_expert_adapter, write_expert_adapter
 from zoo.moe.capture import capture_routing
 from zoo.moe.routers import RouterOutput
 
 RELEVANCE = ("gate", "token")
-ADAPTER_KIND = "expert_adapter"
-ADAPTER_WEIGHTS = "experts.safetensors"
-ADAPTER_CONFIG = "adapter.json"
 
 
 def routing_relevance(output: RouterOutput, mask: torch.Tensor, num_experts: int, metric: str = "gate") -> torch.Tensor:
@@ -191,47 +187,42 @@ def esft_param_groups(model: nn.Module, selected: Mapping[int, list[int]], weigh
 
 
 def base_identity(base_dir: str | os.PathLike) -> str:
-    """A checkpoint's identity: the sha256 of its (verified) `manifest.json`."""
-    verify_checkpoint(base_dir)
-    return sha256_file(Path(base_dir) / MANIFEST_NAME)
+    """A base checkpoint's identity as expert adapters record it: `zoo.io.checkpoint.weights_identity`."""
+    return weights_identity(base_dir)
 
 
 def save_expert_adapter(model: nn.Module, selected: Mapping[int, list[int]], path: str | os.PathLike,
-                        base_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+                        base_dir: str | os.PathLike, *, info: Mapping | None = None, overwrite: bool = False) -> Path:
     """Write the selected experts of `model` as an expert adapter for the checkpoint `base_dir`.
 
-    Files: `experts.safetensors` (`"<layer>/<param>"` -> `[n_selected, ...]` rows, in `selected`
-    order), `adapter.json` (`kind`, `experts` {layer: ids}, `base_sha256`) and `manifest.json`.
+    The format is `zoo.io.expert_adapter`: the selected rows, their layer/expert ids, the base's
+    identity (`base_identity`) and `info` (what made it).
     """
-    tensors = adapter_tensors(model, selected)
-    config = {"kind": ADAPTER_KIND, "experts": {str(k): list(v) for k, v in sorted(selected.items())},
-              "base_sha256": base_identity(base_dir)}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
-        write_manifest(tmp, kind=ADAPTER_KIND)
-
-    return atomic_directory_write(path, write, overwrite=overwrite)
+    adapter = ExpertAdapter(experts={int(k): list(v) for k, v in selected.items()}, base_sha256=base_identity(base_dir),
+                            tensors=adapter_tensors(model, selected), info=dict(info or {}))
+    return write_expert_adapter(path, adapter, overwrite=overwrite)
 
 
-def apply_expert_adapter(model: nn.Module, path: str | os.PathLike, base_dir: str | os.PathLike) -> nn.Module:
+def apply_expert_adapter(model: nn.Module, adapter: str | os.PathLike | ExpertAdapter, base_dir: str | os.PathLike) -> nn.Module:
     """Load an expert adapter into `model` (built from the checkpoint `base_dir`), in place.
+
+    Args:
+        model: the base model (`MoECausalLM`, `MultimodalMoE`, ...), loaded from `base_dir`.
+        adapter: an adapter directory, or one already read (`read_expert_adapter`).
+        base_dir: the checkpoint `model` was loaded from; its identity must be the adapter's base.
 
     Raises:
         CheckpointError: the adapter is corrupt (manifest check) or was made for another base
             (both hashes named); ValueError: its experts or shapes do not fit the model.
     """
-    verify_checkpoint(path)
-    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    if config.get("kind") != ADAPTER_KIND:
-        raise CheckpointError(f"{str(path)!r} is not an expert adapter (kind {config.get('kind')!r})")
+    where = str(adapter) if not isinstance(adapter, ExpertAdapter) else "(in memory)"
+    if not isinstance(adapter, ExpertAdapter):
+        adapter = read_expert_adapter(adapter)
     have = base_identity(base_dir)
-    if config["base_sha256"] != have:
-        raise CheckpointError(f"expert adapter {str(path)!r} was made for base {config['base_sha256']}, "
+    if adapter.base_sha256 != have:
+        raise CheckpointError(f"expert adapter {where!r} was made for base {adapter.base_sha256}, "
                               f"but {str(base_dir)!r} is {have}")
-    selected = {int(k): v for k, v in config["experts"].items()}
-    return load_adapter_tensors(model, selected, load_file(str(Path(path) / ADAPTER_WEIGHTS)))
+    return load_adapter_tensors(model, adapter.experts, adapter.tensors)
 
 
 def adapter_tensors(model: nn.Module, selected: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
