@@ -23,6 +23,10 @@ class SparseMoE(nn.Module):
         shared_expert: optional dense module `[T, d] -> [T, d]` applied to every token.
         shared_expert_gate: optional `Linear(d, 1)`; the shared expert's output is scaled by
             `sigmoid(shared_expert_gate(x))` (Qwen2-MoE). Without it the shared expert is added as is.
+        expert_map: optional module `(indices [T, K], context) -> [T, K]` that maps the router's
+            expert ids to rows of `experts` before they run (multi-adapter serving,
+            `zoo.inference.serving`, reroutes each token to its adapter's copy of an expert). The
+            returned `RouterOutput` keeps the router's own ids.
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class SparseMoE(nn.Module):
         experts: nn.Module,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
+        expert_map: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if shared_expert_gate is not None and shared_expert is None:
@@ -41,6 +46,7 @@ class SparseMoE(nn.Module):
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = shared_expert_gate
+        self.expert_map = expert_map
 
     def forward(self, x: torch.Tensor, context: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """Apply the layer.
@@ -62,7 +68,8 @@ class SparseMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, d]
         routing = self.router(flat, mask=(context or {}).get("mask"))
-        y = self.experts(flat, routing.weights, routing.indices)  # [T, d]
+        indices = routing.indices if self.expert_map is None else self.expert_map(routing.indices, context or {})
+        y = self.experts(flat, routing.weights, indices)  # [T, d]
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
