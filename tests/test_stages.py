@@ -45,7 +45,7 @@ def test_frozen_parameters_are_bit_identical_to_the_previous_stage(micro_run):
         if stage.kind == "moe-tune":  # upcycling wraps the LM: language_model.X -> language_model.lm.X
             before = {k.replace("language_model.", "language_model.lm.", 1): v for k, v in before.items()}
         trained = changed = 0
-        patterns = stage.trains or stage.stage().default_trains
+        patterns = stage.trains or stage.stage().trainable(None, None)
         for name, tensor in after.items():
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 trained += 1
@@ -421,3 +421,32 @@ def test_extend_adds_experts_and_keeps_every_old_weight_bit_identical(micro_run)
     assert all(torch.equal(base[k], ext[k]) for k in base if k not in stacked)
     model, cfg = load_model(outputs["extend"])
     assert cfg.moe.num_experts == e + 2 and model.language_model.moe_layers()[0].experts.num_experts == e + 2
+
+
+@pytest.mark.slow
+def test_moe_tune_upcycles_the_vision_tower_mid_recipe(micro_run):
+    """CLIP-MoE in a stage: the image tower's MLP becomes experts that train, and the output reloads."""
+    import json
+
+    from zoo.moe.layer import SparseMoE
+
+    recipe, out, outputs = micro_run
+    dense, moe = _weights(outputs["specialize"]), _weights(outputs["moe-vision"])
+    experts = [k for k in moe if k.startswith("encoders.image.") and ".mlp.moe.experts." in k]
+    assert experts and not any(".mlp.moe." in k for k in dense if k.startswith("encoders.image."))
+    model, cfg = load_model(outputs["moe-vision"])  # strict: the config rebuilds the tower's MoE
+    assert cfg.encoders["image"].moe is not None and cfg.encoders["image"].moe.num_experts == 2
+    assert cfg.encoders["image"].upcycler == "noisy" and cfg.encoders["image"].freeze  # kept for later stages
+    assert any(isinstance(m, SparseMoE) for m in model.encoders["image"].modules())
+    loads = json.loads((out / "moe-vision" / "expert_load.json").read_text())
+    assert all("image encoder 0" in layers for layers in loads.values())
+    # it trained: the tower's experts moved from their init (the same noisy upcycle of the dense tower)
+    from zoo.transforms.upcycle import upcycle_encoder
+
+    start, _ = load_model(outputs["specialize"])
+    spec = recipe.stage("moe-vision").stage().options.encoder_moe["image"]
+    upcycle_encoder(start.encoders["image"], spec.moe, method=spec.upcycler, method_options=spec.upcycler_options)
+    init = {f"encoders.image.{k}": v for k, v in start.encoders["image"].state_dict().items()}
+    assert set(experts) <= set(init)
+    assert any(not torch.equal(init[k], moe[k]) for k in experts), "the tower's experts did not train"
+    assert all(torch.allclose(init[k], moe[k], atol=0.05) for k in experts)
