@@ -2,6 +2,8 @@
 
 Each takes one layer's router output (tokens flattened to T) and an optional token mask, so
 padding never counts; the model combines layers. Nothing here reads or writes module state.
+On zero tokens (a rank or micro-batch with none) every loss is 0, connected to the autograd
+graph of its inputs (never NaN from a mean over nothing).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import torch
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over dim 0 of `values [T, ...]`, counting only rows where `mask [T]` is true."""
+    """Mean over dim 0 of `values [T, ...]`, counting only rows where `mask [T]` is true.
+
+    With no row counted (T = 0, or an all-false mask) it is 0, still in the autograd graph of
+    `values`: a rank or micro-batch with no token adds nothing to a loss and its backward runs.
+    """
     if mask is None:
-        return values.mean(dim=0)
+        return values.mean(dim=0) if values.shape[0] else values.sum(dim=0)
     m = mask.reshape(-1).to(values.dtype)
     shape = (-1,) + (1,) * (values.dim() - 1)
     return (values * m.view(shape)).sum(dim=0) / m.sum().clamp_min(1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.kernels.reference import connected_zeros
 from zoo.models.lm import MoECausalLM
 from zoo.transforms.adapters.lora import init_lora_a
 from zoo.transforms.adapters.lora_experts import LoRAExpertOptions, insert_lora_experts, merge_attention_lora
@@ -74,9 +75,12 @@ class MixLoRAExperts(nn.Module):
             indices: `[T, k]` expert ids.
 
         Returns:
-            `[T, d]` in x's dtype.
+            `[T, d]` in x's dtype; connected to autograd (zero gradients) when no slot is filled
+            (zero tokens, or every slot empty), as `zoo.kernels.reference.grouped_experts` is.
         """
         base = self.base
+        if not bool((indices >= 0).any()):
+            return connected_zeros(x, *(p for p in self.parameters(recurse=False)), weights.to(x.dtype))
         gate0, up0 = base.gate_proj(x), base.up_proj(x)  # [T, f] each, shared by all experts
         y = torch.zeros_like(x)
         for e in range(self.num_experts):
