@@ -141,3 +141,7 @@ def test_bad_adapters_and_requests_are_refused_naming_the_cause(zoo_dir, tmp_pat
         MultiAdapterMoE(server.model, {"b": paths["b"]}, base_dir)
     with pytest.raises(ValueError, match="no adapters given"):
         _server(base_dir, {})
+    shard = load_moe_lm(base_dir)[0]
+    shard.moe_layers()[1].experts.num_local_experts = 2  # what an expert-parallel shard carries
+    with pytest.raises(ValueError, match=r"MoE layers \[1\] hold an expert-parallel shard"):
+        MultiAdapterMoE(shard, paths, base_dir)

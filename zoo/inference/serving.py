@@ -103,7 +103,7 @@ class MultiAdapterMoE(nn.Module):
         CheckpointError: an adapter was made for another base (its id and both hashes named), or
             an adapter directory is corrupt.
         ValueError: no adapters, an id that is not a non-empty string, a model that is not an
-            `MoECausalLM` or is pooled already, an adapter whose layers, experts, tensors or shapes
+            `MoECausalLM`, is pooled already or holds expert-parallel shards, an adapter whose layers, experts, tensors or shapes
             do not fit the model (named), or one that carries non-expert tensors (router rows).
     """
 
@@ -118,6 +118,10 @@ class MultiAdapterMoE(nn.Module):
         if bad:
             raise ValueError(f"multi-adapter serving: adapter ids must be non-empty strings (None is the base), got {bad}")
         layers = model.moe_layers()
+        sharded = [i for i, moe in layers.items() if hasattr(moe.experts, "num_local_experts")]
+        if sharded:
+            raise ValueError(f"multi-adapter serving: MoE layers {sharded} hold an expert-parallel shard "
+                             "(shard_experts): serving pools whole, unsharded expert stacks only")
         pooled = [i for i, moe in layers.items() if moe.expert_map is not None]
         if pooled:
             raise ValueError(f"multi-adapter serving: MoE layers {pooled} already have an expert map (pooled twice?)")
@@ -284,7 +288,7 @@ def generate(model: MultiAdapterMoE | MoECausalLM, batch: Sequence[Sequence[int]
         adapters: B adapter ids (None: the base); default: the base for every request.
         max_new_tokens: new tokens per request, >= 1.
         eos_token_id: a request stops after emitting one of these; default the LM's
-            `generation_config.eos_token_id`.
+            `generation_config.eos_token_id`; `[]`: never stop early.
         pad_token_id: what left padding holds (never attended to).
 
     Returns:
@@ -319,6 +323,7 @@ def generate(model: MultiAdapterMoE | MoECausalLM, batch: Sequence[Sequence[int]
         raise ValueError(f"generate takes a MultiAdapterMoE or an MoECausalLM, got {type(model).__name__}")
     device = next(lm.parameters()).device
     ids, mask = ids.to(device), mask.to(device).long()
+    which = None if which is None else which.to(device)
     eos = torch.tensor(_eos_ids(lm, eos_token_id), dtype=torch.long, device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, S]: each request counts from its first real token
     step_ids, step_mask, cache = ids, mask, None
