@@ -6,6 +6,9 @@ must agree in outputs and gradients (tests/test_kernels_triton.py). The kernels 
 experts; gated experts of other activations and plain (fc1 -> act -> fc2) experts run the
 reference on every device.
 
+Weight-only quantized experts (`moe_quantized`) run `zoo.kernels.quantized`, an eager path
+faster than the reference on our CPU, on every device (no Triton kernel for them yet).
+
 `ZOO_KERNELS=auto|reference|triton` overrides the choice (read on every call): `reference`
 forces the reference everywhere; `triton` forces the kernels, which on CPU tensors needs
 `TRITON_INTERPRET=1` set before the first call (that is how the CPU tests run them).
@@ -86,4 +89,19 @@ def moe_mlp(x, weights, indices, fc1, fc2, activation: str, fc1_bias=None, fc2_b
     return reference.moe_mlp(x, weights, indices, fc1, fc2, activation_fn(activation), fc1_bias, fc2_bias)
 
 
-__all__ = ["BACKENDS", "backend_for", "moe_glu", "moe_mlp", "moe_swiglu", "sort_by_expert"]
+def moe_quantized(x, weights, indices, in_codes, in_scales, out_codes, out_scales, *, bits: int, gated: bool,
+                  activation: str, in_bias=None, out_bias=None) -> torch.Tensor:
+    """Routed weight-only quantized experts (`reference.moe_quantized` for shapes and meaning):
+    `zoo.kernels.quantized` on every device, the reference under `ZOO_KERNELS=reference`."""
+    from zoo.kernels import quantized
+    from zoo.moe.activations import activation_fn
+
+    choice = os.environ.get("ZOO_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"ZOO_KERNELS={choice!r}; expected one of {', '.join(BACKENDS)}")
+    impl = reference.moe_quantized if choice == "reference" else quantized.moe_quantized
+    return impl(x, weights, indices, in_codes, in_scales, out_codes, out_scales, bits=bits, gated=gated,
+                activation=activation_fn(activation), in_bias=in_bias, out_bias=out_bias)
+
+
+__all__ = ["BACKENDS", "backend_for", "moe_glu", "moe_mlp", "moe_quantized", "moe_swiglu", "sort_by_expert"]

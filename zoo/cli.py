@@ -4,6 +4,7 @@
     zoo load NAME[@VERSION] [--version V] [--device D] [--dtype T]
     zoo export NAME[@VERSION]|CHECKPOINT_DIR --format hf --out DIR [--overwrite]
     zoo publish DIR --repo org/name [--revision R] [--private] [--message M] [--dry-run]
+    zoo quantize NAME[@VERSION]|CHECKPOINT_DIR --bits 8|4 [--group-size G | --adaptive] --out DIR [--overwrite]
 
 The installed `zoo` command (`zoo.pipelines.cli`) adds the training side's `build`, `train` and
 `eval` to these; the library never imports training code, so they live there. Every command exits
@@ -126,6 +127,21 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from zoo.catalog.install import locate
+    from zoo.transforms.quantize import quantize_model_dir
+
+    path = Path(args.name)
+    src = path if args.version is None and path.is_dir() else locate(Catalog.from_dir(args.cards_dir).get(args.name, args.version))
+    out, qcfg, before, after = quantize_model_dir(src, args.out, bits=args.bits, group_size=args.group_size,
+                                                  adaptive=args.adaptive, overwrite=args.overwrite)
+    sizes = sorted({tuple(g) for g in qcfg.group_sizes.values()})
+    print(f"quantized {len(qcfg.group_sizes)} experts modules of {src} to int{qcfg.bits} (group sizes in/out {sizes}): "
+          f"expert weights {before['float32']:,} -> {after['codes'] + after['scales']:,} bytes "
+          f"(codes {after['codes']:,} + scales {after['scales']:,}); wrote {out}")
+    return 0
+
+
 def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The `zoo` parser with the library's subcommands; returns `(parser, subparsers)` to add more to."""
     p = argparse.ArgumentParser(prog="zoo", description="moe-zoo: list, load, build, train, evaluate, export and publish models.")
@@ -164,6 +180,16 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     s.add_argument("--message", help="commit message")
     s.add_argument("--dry-run", action="store_true", help="check and print what would be uploaded")
     s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("quantize", help="weight-only int8/int4 quantization of a model's experts (FineQuant) into a new checkpoint")
+    s.add_argument("name", help="NAME, NAME@VERSION, or a checkpoint directory")
+    s.add_argument("--version", help="exact version or range")
+    s.add_argument("--bits", type=int, required=True, help="8 or 4")
+    s.add_argument("--group-size", type=int, help="inputs per scale (must divide d and the expert width); default: per channel")
+    s.add_argument("--adaptive", action="store_true", help="FineQuant's adaptive granularity chooses each matrix's group size")
+    s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_quantize)
     return p, sub
 
 

@@ -2,7 +2,7 @@
 
 Builders live apart from the module files (torchtune's component/model builders split): modules
 take their parts by keyword, builders read configs and registries. The build order is fixed (LM,
-upcycling, encoders, connectors, adapters), so one seed gives one model.
+upcycling, encoders, connectors, adapters, expert quantization), so one seed gives one model.
 """
 
 from __future__ import annotations
@@ -89,7 +89,12 @@ def build_model(cfg: ModelConfig) -> MultimodalMoE:
     frozen += [f"connectors.{m}" for m, c in cfg.connectors.items() if c.freeze]
     if cfg.lm.freeze:
         frozen.append("language_model")
-    return model.freeze(*frozen)
+    model = model.freeze(*frozen)
+    if cfg.quantization is not None:
+        from zoo.transforms.quantize import quantize_experts
+
+        quantize_experts(model, cfg.quantization)
+    return model
 
 
 def model_for_checkpoint(config: dict[str, Any]) -> tuple[MultimodalMoE, ModelConfig]:

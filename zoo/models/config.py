@@ -15,6 +15,7 @@ from typing import Any
 
 from zoo.config import config_from_dict, sub_config, to_plain
 from zoo.moe.config import MoEConfig
+from zoo.moe.quantized import QuantizationConfig
 
 MODALITIES = ("image", "audio")
 
@@ -134,6 +135,8 @@ class ModelConfig:
         connectors: modality -> connector; exactly one per encoder.
         moe: if set, the LM is upcycled to a sparse MoE with these settings (None: dense LM).
         adapters: applied in order to the (upcycled) LM: what a LoRA stage left unmerged.
+        quantization: if set, every stacked experts module is weight-only quantized last
+            (`zoo.transforms.quantize`, FineQuant); None: float experts.
         image_token_id: id of the `<image>` placeholder token.
         audio_token_id: id of the `<audio>` placeholder token.
     """
@@ -144,6 +147,7 @@ class ModelConfig:
     connectors: dict[str, ConnectorConfig] = field(default_factory=dict)
     moe: MoEConfig | None = None
     adapters: list[AdapterConfig] = field(default_factory=list)
+    quantization: QuantizationConfig | None = None
     image_token_id: int = 3
     audio_token_id: int = 4
 
@@ -167,6 +171,8 @@ class ModelConfig:
         if not isinstance(self.adapters, list):
             raise TypeError(f"ModelConfig: adapters must be a list of {{kind, options}}, got {type(self.adapters).__name__}")
         self.adapters = [sub_config(AdapterConfig, a, f"adapters[{i}]") for i, a in enumerate(self.adapters)]
+        if self.quantization is not None:
+            self.quantization = sub_config(QuantizationConfig, self.quantization, "quantization")
         if self.image_token_id == self.audio_token_id:
             raise ValueError(f"ModelConfig: image_token_id and audio_token_id are both {self.image_token_id}")
 
