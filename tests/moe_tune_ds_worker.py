@@ -30,8 +30,15 @@ from zoo.pipelines.train import TrainConfig, train  # noqa: E402
 GLOBAL_BATCH = 4
 
 
-def tiny_moe_tune_model():
-    """Tiny Llama upcycled to 4 experts top-2, no jitter; only the MoE layers (router + experts) train."""
+ESFT_SELECTION = {0: [1, 2], 1: [0]}  # under ep_size=2: one selected expert per rank, then rank 1 has none
+
+
+def tiny_moe_tune_model(esft: bool = False):
+    """Tiny Llama upcycled to 4 experts top-2, no jitter; only the MoE layers (router + experts) train.
+
+    With `esft`: only the experts in `ESFT_SELECTION` train, through ESFT's gradient row masks (set
+    before the engine shards the experts, as the `esft` stage does), with no weight decay on them.
+    """
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
@@ -41,6 +48,15 @@ def tiny_moe_tune_model():
             moe.experts.gate_up_proj.add_(torch.randn_like(moe.experts.gate_up_proj) * 0.02)
     for name, p in model.named_parameters():
         p.requires_grad = "mlp" in name
+    if esft:
+        from zoo.transforms.esft import expert_gradient_masks, stacked_params
+
+        stacked = {id(p) for moe in model.moe_layers().values() for p in stacked_params(moe).values()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in stacked
+            if p.requires_grad:
+                p.zoo_no_decay = True
+        expert_gradient_masks(model, ESFT_SELECTION)
     return model
 
 
@@ -55,27 +71,28 @@ def shard_of(batch: dict[str, torch.Tensor], part: int, parts: int) -> dict[str,
     return {k: v[part * n:(part + 1) * n] for k, v in batch.items()}
 
 
-def optim_config(precision: str = "fp32", grad_accum: int = 1) -> OptimConfig:
-    return OptimConfig(lr=1e-2, warmup_steps=1, grad_clip=0.13, grad_accum=grad_accum, precision=precision)
+def optim_config(precision: str = "fp32", grad_accum: int = 1, weight_decay: float = 0.0) -> OptimConfig:
+    return OptimConfig(lr=1e-2, warmup_steps=1, grad_clip=0.13, grad_accum=grad_accum, precision=precision,
+                       weight_decay=weight_decay)
 
 
-def reference_run(out: str, steps: int, parts: int = 2):
+def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
     """The 1-process run: TorchEngine, each global batch as `parts` accumulated micro-batches."""
     from zoo.pipelines.engine import TorchEngine
 
-    model = tiny_moe_tune_model()
-    cfg = TrainConfig(steps=steps, optim=optim_config(grad_accum=parts))
+    model = tiny_moe_tune_model(esft)
+    cfg = TrainConfig(steps=steps, optim=optim_config(grad_accum=parts, weight_decay=0.1 if esft else 0.0))
     train(TorchEngine(model, cfg.optim, steps), lambda i: shard_of(global_batch(i // parts), i % parts, parts), cfg, out)
     return model
 
 
-def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool) -> None:
+def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool, esft: bool = False) -> None:
     """Train with one DeepSpeed config into `out`; precision follows the config's name."""
     from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
 
-    model = tiny_moe_tune_model()
+    model = tiny_moe_tune_model(esft)
     precision = "bf16" if "bf16" in ds_config else "fp32"
-    cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision))
+    cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision, weight_decay=0.1 if esft else 0.0))
     engine = DeepSpeedEngine(model, cfg.optim, cfg.steps, ds_config=ds_config, ep_size=ep_size)
     r = engine.rank
     os.makedirs(out, exist_ok=True)
@@ -114,6 +131,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--ckpt-every", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--esft", action="store_true", help="train only ESFT_SELECTION's experts (gradient row masks)")
     p.add_argument("--stage", choices=["moe-tune"], default="moe-tune", help="what pipelines/launch/<stage>.sh passes")
     p.add_argument("--engine", choices=["deepspeed"], default="deepspeed", help="what pipelines/launch/*.sh passes")
     a = p.parse_args()
@@ -121,7 +139,7 @@ def main() -> None:
     configs = a.ds_config.split(",")
     for config in configs:
         out = a.out if len(configs) == 1 else os.path.join(a.out, config)
-        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume)
+        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from zoo.pipelines.deepspeed_engine import CONFIG_DIR, check_moe_param_groups, c
 from zoo.pipelines.optim import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moe_tune_ds_worker import reference_run  # noqa: E402
+from moe_tune_ds_worker import ESFT_SELECTION, reference_run  # noqa: E402
 
 WORKER = Path(__file__).parent / "moe_tune_ds_worker.py"
 LAUNCH = Path(__file__).parent.parent / "pipelines" / "launch"
@@ -185,3 +185,32 @@ def test_ep2_zero0_zero1_and_bf16_in_one_process_each_match_one_process(tmp_path
         init, final = load_file(str(bf16 / f"rank{r}-init.safetensors")), load_file(str(bf16 / f"rank{r}-final.safetensors"))
         for name in ("lm.model.layers.0.mlp.moe.experts.down_proj", "lm.model.layers.1.mlp.moe.experts.gate_up_proj"):
             assert not torch.equal(init[name], final[name]), f"bf16 rank {r}: {name} did not update"
+
+
+@pytest.mark.slow
+def test_esft_masks_hold_under_expert_parallelism(tmp_path):
+    """ESFT at ep_size=2 (the masks set on the full experts, then sharded) equals the 1-process ESFT run,
+    and every expert it did not select is bit-identical to its init on the rank that holds it."""
+    torch.set_num_threads(1)
+    ref_dir = tmp_path / "reference"
+    ref = {n: p.detach().clone() for n, p in reference_run(str(ref_dir), steps=3, esft=True).named_parameters()}
+    ref_losses = [json.loads(line)["loss"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "run"
+    _launch(out, "--steps", "3", "--ckpt-every", "0", "--esft", ds_config="zero2_fp32")
+    assert _mean_losses(out) == pytest.approx(ref_losses, abs=1e-5)
+    for r in range(2):
+        init = load_file(str(out / f"rank{r}-init.safetensors"))
+        final = load_file(str(out / f"rank{r}-final.safetensors"))
+        for name, value in final.items():
+            if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                assert torch.equal(value, init[name]), f"rank {r}: {name} is not an expert and changed"
+                continue
+            layer = int(name.split("layers.")[1].split(".")[0])
+            assert value.shape[0] == 2, f"{name} is not sharded"
+            for row in range(2):
+                e = 2 * r + row
+                if e in ESFT_SELECTION[layer]:
+                    assert not torch.equal(value[row], init[name][row]), f"selected expert {e} of layer {layer} did not train"
+                    torch.testing.assert_close(value[row], ref[name][e], rtol=1e-3, atol=5e-5)
+                else:
+                    assert torch.equal(value[row], init[name][row]), f"unselected expert {e} of layer {layer} moved on rank {r}"

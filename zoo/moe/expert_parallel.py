@@ -63,6 +63,22 @@ def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch
     return _AllToAll.apply(x, send, recv, group)
 
 
+GRAD_ROWS = "zoo_grad_rows"  # a stacked parameter's per-row gradient multiplier [E, 1, ...] (ESFT, MoExtend)
+
+
+def _carry_marks(full: nn.Parameter, shard: nn.Parameter, rows: slice) -> None:
+    """Give a shard what row-level training set on the full parameter: requires_grad, the no-decay
+    flag, and its rows of a gradient row mask (`GRAD_ROWS`), re-applied as a hook on the shard."""
+    shard.requires_grad_(full.requires_grad)
+    if getattr(full, "zoo_no_decay", False):
+        shard.zoo_no_decay = True
+    mask = getattr(full, GRAD_ROWS, None)
+    if mask is not None:
+        local = mask[rows].to(device=shard.device, dtype=shard.dtype)
+        setattr(shard, GRAD_ROWS, local)
+        shard.register_hook(lambda g, local=local: g * local)
+
+
 class ExpertParallelSwiGLUExperts(nn.Module):
     """This rank's shard of E SwiGLU experts; tokens for other shards travel by all-to-all.
 
@@ -125,8 +141,8 @@ class ExpertParallelSwiGLUExperts(nn.Module):
         with torch.no_grad():
             shard.gate_up_proj.copy_(experts.gate_up_proj[local])
             shard.down_proj.copy_(experts.down_proj[local])
-        shard.gate_up_proj.requires_grad_(experts.gate_up_proj.requires_grad)
-        shard.down_proj.requires_grad_(experts.down_proj.requires_grad)
+        for name in ("gate_up_proj", "down_proj"):
+            _carry_marks(getattr(experts, name), getattr(shard, name), local)
         return shard
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -242,4 +258,4 @@ def unshard_experts(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["ExpertParallelSwiGLUExperts", "expert_group_name", "is_expert_param", "shard_experts", "unshard_experts"]
+__all__ = ["GRAD_ROWS", "ExpertParallelSwiGLUExperts", "expert_group_name", "is_expert_param", "shard_experts", "unshard_experts"]

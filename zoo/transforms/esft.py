@@ -36,6 +36,7 @@ from torch import nn
 from zoo.io.checkpoint import CheckpointError, weights_identity
 from zoo.io.expert_adapter import ADAPTER_KIND, ExpertAdapter, read_expert_adapter, write_expert_adapter
 from zoo.moe.capture import capture_routing
+from zoo.moe.expert_parallel import GRAD_ROWS
 from zoo.moe.routers import RouterOutput
 
 RELEVANCE = ("gate", "token")
@@ -126,9 +127,17 @@ def select_experts(relevance: Mapping[int, torch.Tensor], p: float) -> dict[int,
 
 
 def stacked_params(moe) -> dict[str, nn.Parameter]:
-    """A `SparseMoE`'s stacked `[E, ...]` expert parameters by name."""
+    """A `SparseMoE`'s stacked `[E, ...]` expert parameters by name (`[E / P, ...]`: a rank's expert shard)."""
     experts = moe.experts
-    return {n: p for n, p in experts.named_parameters(recurse=False) if p.shape[0] == experts.num_experts}
+    rows = getattr(experts, "num_local_experts", experts.num_experts)
+    return {n: p for n, p in experts.named_parameters(recurse=False) if p.shape[0] == rows}
+
+
+def local_rows(experts: nn.Module, ids: Iterable[int]) -> list[int]:
+    """Global expert ids -> rows of this rank's stacked parameters (all of them when not sharded)."""
+    offset = getattr(experts, "expert_offset", 0)
+    n = getattr(experts, "num_local_experts", experts.num_experts)
+    return [i - offset for i in ids if offset <= i < offset + n]
 
 
 def moe_layers_of(model: nn.Module) -> dict:
@@ -141,11 +150,32 @@ def moe_layers_of(model: nn.Module) -> dict:
     return lm.moe_layers()
 
 
-def row_mask(p: torch.Tensor, rows: list[int], keep: bool):
-    """A gradient hook on `p` that lets through only rows `rows` (keep=True) or all but them (keep=False)."""
+class _RowMaskHandle:
+    """Removes a row mask: the gradient hook and the `zoo_grad_rows` mark (so no later shard re-applies it)."""
+
+    def __init__(self, param: torch.Tensor, hook) -> None:
+        self.param, self.hook = param, hook
+
+    def remove(self) -> None:
+        self.hook.remove()
+        if hasattr(self.param, GRAD_ROWS):
+            delattr(self.param, GRAD_ROWS)
+
+
+def row_mask(p: torch.Tensor, rows: list[int], keep: bool) -> _RowMaskHandle:
+    """A gradient hook on `p` that lets through only rows `rows` (keep=True) or all but them (keep=False).
+
+    The multiplier `[E, 1, ...]` is also marked on the parameter (`p.zoo_grad_rows`): expert
+    parallelism (`zoo.moe.expert_parallel.shard_experts`) builds new per-rank parameters, and each
+    shard re-applies its own rows of the mark, so the mask holds under expert parallelism too.
+
+    Returns:
+        A handle whose `remove()` lifts the hook and the mark.
+    """
     mask = torch.full((p.shape[0], *([1] * (p.dim() - 1))), 0.0 if keep else 1.0, device=p.device, dtype=p.dtype)
     mask[list(rows)] = 1.0 if keep else 0.0
-    return p.register_hook(lambda g, mask=mask: g * mask)
+    setattr(p, GRAD_ROWS, mask)
+    return _RowMaskHandle(p, p.register_hook(lambda g, mask=mask: g * mask))
 
 
 def _check_selection(layers: Mapping, selected: Mapping[int, list[int]]) -> None:
@@ -169,7 +199,7 @@ def expert_gradient_masks(model: nn.Module, selected: Mapping[int, list[int]]) -
     handles = []
     for layer, moe in layers.items():
         for p in stacked_params(moe).values():
-            handles.append(row_mask(p, selected.get(layer, []), keep=True))
+            handles.append(row_mask(p, local_rows(moe.experts, selected.get(layer, [])), keep=True))
     return handles
 
 
