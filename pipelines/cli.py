@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     checkpoint, data = _checkpoint_dir(args.checkpoint, args.cards_dir)
     for r in evaluate_checkpoint(checkpoint, args.family, data_dir=args.data or data, split=args.split, limit=args.limit,
-                                 max_new_tokens=args.max_new_tokens, progress=not args.quiet):
+                                 max_new_tokens=args.max_new_tokens, quiet=args.quiet or None):
         print(json.dumps(r))
     return 0
 
@@ -89,6 +89,7 @@ def add_training_commands(sub) -> None:
     s.add_argument("--version", help="exact version or range")
     s.add_argument("--force", action="store_true", help="rebuild even if installed")
     s.add_argument("--resume", action="store_true", help="continue the recipe's stages from their last checkpoints")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("train", help="run a recipe's stages (all, or --stage ones) into a run directory")
@@ -100,6 +101,7 @@ def add_training_commands(sub) -> None:
     s.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
     s.add_argument("--ds-config", default="zero2", help="configs/deepspeed/<name>.json or a path (deepspeed engine)")
     s.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed engine)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="score a checkpoint on task families' held-out splits (greedy generation)")

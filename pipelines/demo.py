@@ -73,7 +73,7 @@ def _ask(model, processor, family: str, data_dir: Path) -> str:
         return f"(no {family} data under {data_dir})"
     keep = SCORED.get(family, lambda s: True)
     sample = next(s for s in load_datasets(data_dir, {family}, "test")[family] if keep(s))
-    answer = generate_answers(model, processor, [sample])[0]
+    answer = generate_answers(model, processor, [sample], quiet=True)[0]  # one answer: no bar
     media = "".join(f"[{m.kind}]" for m in sample.media)
     return f"{media} {sample.instruction[:60]!r} -> {answer!r} (reference {sample.answer!r})"
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from zoo.pipelines.collate import collate
+from zoo.progress import progress
 
 METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "accuracy", "caption": "token_f1"}
 # Which samples a family is scored on. text: its closed-answer questions (WordNet category of a
@@ -56,12 +56,17 @@ SCORERS = {"exact_match": exact_match, "accuracy": exact_match, "token_f1": toke
 
 @torch.no_grad()
 def generate_answers(model, processor, samples: Sequence, *, batch_size: int = 16, max_new_tokens: int = 12,
-                     progress: bool = False) -> list[str]:
-    """Greedy answers of `model` to each sample's prompt (and media)."""
+                     quiet: bool | None = None, desc: str = "eval") -> list[str]:
+    """Greedy answers of `model` to each sample's prompt (and media).
+
+    Args:
+        quiet: the progress bar over batches (`zoo.progress.progress`: None shows it on a terminal).
+        desc: the bar's label.
+    """
     model.eval()
     tok = processor.tokenizer
     answers = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
+    for start in progress(range(0, len(samples), batch_size), desc=desc, unit="batch", quiet=quiet):
         batch = collate(samples[start : start + batch_size], processor, with_answers=False)
         new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -78,8 +83,9 @@ def majority_baseline(train: Sequence, test: Sequence, metric: str) -> float:
 
 
 def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequence = (), batch_size: int = 16,
-             max_new_tokens: int = 12, progress: bool = False) -> dict:
-    """Score `model` on `samples` of one task family.
+             max_new_tokens: int = 12, quiet: bool | None = None) -> dict:
+    """Score `model` on `samples` of one task family (a progress bar labelled `eval <family>`; see
+    `zoo.progress.progress` for `quiet`).
 
     Returns:
         `{"family", "metric", "value", "n", "baseline", "examples": [(prompt, prediction, answer), ...3]}`.
@@ -95,7 +101,7 @@ def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequenc
     if not samples:
         raise ValueError(f"no {family} samples of the scored kind to evaluate")
     predictions = generate_answers(model, processor, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   progress=progress)
+                                   quiet=quiet, desc=f"eval {family}")
     scores = [SCORERS[metric](p, s.answer) for p, s in zip(predictions, samples)]
     return {
         "family": family,
@@ -140,7 +146,7 @@ def find_run_data(checkpoint: Path) -> Path | None:
 
 
 def evaluate_checkpoint(checkpoint: Path, families: list[str], *, data_dir: Path | None = None, split: str = "test",
-                        limit: int | None = None, max_new_tokens: int = 12, progress: bool = True) -> list[dict]:
+                        limit: int | None = None, max_new_tokens: int = 12, quiet: bool | None = None) -> list[dict]:
     """Load a model directory and score it on each family's `split` (what `zoo eval` runs).
 
     Args:
@@ -150,6 +156,7 @@ def evaluate_checkpoint(checkpoint: Path, families: list[str], *, data_dir: Path
         split: which split to score.
         limit: score at most this many scored-kind samples per family.
         max_new_tokens: greedy generation length.
+        quiet: progress bars (`zoo.progress.progress`: None shows them on a terminal).
 
     Raises:
         FileNotFoundError: no data directory given and none found beside the checkpoint.
@@ -172,7 +179,7 @@ def evaluate_checkpoint(checkpoint: Path, families: list[str], *, data_dir: Path
         keep = SCORED.get(family, lambda s: True)
         samples = [s for s in test[family] if keep(s)][:limit]  # the limit counts scored samples
         results.append(evaluate(model, processor, samples, family=family, train=train[family],
-                                max_new_tokens=max_new_tokens, progress=progress))
+                                max_new_tokens=max_new_tokens, quiet=quiet))
     return results
 
 
@@ -183,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--family", action="append", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="score at most this many (scored-kind) samples")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (also ZOO_QUIET=1)")
     a = p.parse_args(argv)
-    for r in evaluate_checkpoint(Path(a.checkpoint), a.family, data_dir=a.data, split=a.split, limit=a.limit):
+    for r in evaluate_checkpoint(Path(a.checkpoint), a.family, data_dir=a.data, split=a.split, limit=a.limit,
+                                 quiet=a.quiet or None):
         print(json.dumps(r))
 
 

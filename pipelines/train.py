@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from zoo.config import config_from_dict
 from zoo.models.lm import IGNORE_INDEX
 from zoo.moe.trainer_hooks import capture_router_inputs, schedule_routers, update_routers
 from zoo.pipelines.engine import Engine, NonFiniteError
 from zoo.pipelines.optim import OptimConfig
+from zoo.progress import progress
 
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -159,7 +159,8 @@ def train(
     accum = cfg.optim.grad_accum
     logger = _Wandb(cfg, out_dir, name) if cfg.wandb and engine.is_main else None
     engine.model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not engine.is_main, dynamic_ncols=True)
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step",
+                   quiet=None if engine.is_main else True)  # rank 0 only; on a terminal unless ZOO_QUIET
     loss_value = float("nan")
     last_ckpt = checkpoints(out_dir)[-1] if checkpoints(out_dir) else None
     with open(metrics_path, "a") if engine.is_main else open(os.devnull, "w") as metrics_file:

@@ -26,6 +26,7 @@ from zoo.catalog.load import load_card, load_directory
 from zoo.io.checkpoint import CheckpointError, verify_checkpoint
 from zoo.io.export import FORMATS, ExportError
 from zoo.io.hub import HubError
+from zoo.progress import quiet_while
 
 # What bad input raises (a name no card has, a corrupt file, a config key no entry accepts, ...).
 ERRORS = (CatalogError, LoadError, CheckpointError, HubError, ExportError, ValueError, TypeError, FileNotFoundError)
@@ -160,6 +161,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     s.add_argument("--version", help="exact version or range (^1.0, ~1.2)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", choices=_DTYPES)
+    s.add_argument("--quiet", action="store_true", help="no download progress bar (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_load)
 
     s = sub.add_parser("export", help="write a model as transformers-native files")
@@ -212,12 +214,17 @@ def report_errors(prog: str, fn, errors: tuple[type[BaseException], ...]) -> int
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[BaseException], ...]) -> int:
-    """Parse `argv` and run the chosen subcommand; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Parse `argv` and run the chosen subcommand; returns the exit status (0 ok, 1 error, 2 usage).
+
+    A subcommand's `--quiet` sets `ZOO_QUIET=1` while it runs, so no progress bar (`zoo.progress`)
+    shows in the work it starts, worker processes included.
+    """
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    return report_errors("zoo", lambda: args.func(args), errors)
+    with quiet_while(getattr(args, "quiet", False)):
+        return report_errors("zoo", lambda: args.func(args), errors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zoo.progress import quiet_while
+
 from .build import FAMILIES, build_all
 from .llava import import_llava
 from .shards import iter_split, read_manifest, write_dataset
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True, help="output directory (one sub-directory per family)")
     b.add_argument("--max-per-split", type=int, default=None, help="cap on samples per split (default: all)")
     b.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES, help="families to build (default: all)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     li = sub.add_parser("import-llava", help="convert LLaVA-format JSON + images into shards")
     li.add_argument("--json", required=True)
     li.add_argument("--image-root", required=True)
@@ -25,12 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     li.add_argument("--task-family", default="vqa")
     li.add_argument("--max-per-split", type=int, default=None)
     li.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
+    li.add_argument("--quiet", action="store_true", help="no progress bar (also ZOO_QUIET=1)")
     s = sub.add_parser("show", help="print a few samples of a built family directory")
     s.add_argument("dir")
     s.add_argument("--split", default="train")
     s.add_argument("-n", type=int, default=5)
     args = p.parse_args(argv)
+    with quiet_while(getattr(args, "quiet", False)):  # every bar of the work below (zoo.progress)
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "build":
         build_all(args.out, args.max_per_split, tuple(args.families))
     elif args.cmd == "import-llava":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from zoo.progress import progress
+
 from .fashion_mnist import png_bytes
 from .schema import Media, Sample, split_of
 from .select import pick_per_split
@@ -109,12 +111,16 @@ def build_emoji_captions(
     split = {c.key: split_of(c.key, val_fraction, test_fraction) for c in cands}
     ordered = pick_per_split(cands, lambda c: split[c.key], lambda c: c.key, None)
     out: dict[str, list[Sample]] = {}
-    for s, items in ordered.items():
-        out[s] = []
-        for c in items:
-            if max_per_split is not None and len(out[s]) >= max_per_split:
-                break
-            image = render_emoji(c.char, size, font_path)
-            if image is not None:
-                out[s].append(Sample(c.key, TASK_FAMILY, s, INSTRUCTION, c.caption, (Media("image", png_bytes(image)),)))
+    # the bar counts kept samples; it stops short of its total by the emoji the font cannot draw
+    total = sum(len(items) if max_per_split is None else min(len(items), max_per_split) for items in ordered.values())
+    with progress(total=total, desc=TASK_FAMILY, unit="sample") as bar:
+        for s, items in ordered.items():
+            out[s] = []
+            for c in items:
+                if max_per_split is not None and len(out[s]) >= max_per_split:
+                    break
+                image = render_emoji(c.char, size, font_path)
+                if image is not None:
+                    out[s].append(Sample(c.key, TASK_FAMILY, s, INSTRUCTION, c.caption, (Media("image", png_bytes(image)),)))
+                    bar.update()
     return out

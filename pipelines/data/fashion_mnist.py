@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .schema import Media, Sample, hash_unit, split_of
-from .select import pick_per_split
+from .select import materialize, pick_per_split
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 TASK_FAMILY = "vqa"
@@ -105,7 +105,7 @@ def build_fashion_vqa(
                     yield _Candidate(part, i, q, split)
 
     picked = pick_per_split(candidates(), lambda c: c.split, lambda c: c.key, max_per_split)
-    return {split: [_make(c, data) for c in cands] for split, cands in picked.items()}
+    return materialize(picked, lambda c, _: _make(c, data), TASK_FAMILY)
 
 
 def _make(c: _Candidate, data) -> Sample:

@@ -12,12 +12,14 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from zoo.progress import progress
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.@+=\-]")
 
@@ -102,6 +104,36 @@ class FeatureCache:
                 self._store(self.path(sha), feats)
                 found[sha] = feats.detach().cpu()
         return [found[sha] for sha in shas]
+
+    def fill(self, items: Iterable[bytes], *, batch_size: int = 64, quiet: bool | None = None) -> int:
+        """Fill the cache ahead for `items`: encode the ones not cached, `batch_size` per encoder call.
+
+        For warming a cache over a whole dataset before training or serving (training itself fills
+        it batch by batch through `encode`, under the training bar). Shows a progress bar over the
+        items to encode (`zoo.progress.progress`; `quiet` as there).
+
+        Args:
+            items: Media file bytes; duplicates and cached items are skipped.
+            batch_size: Misses per encoder call, >= 1.
+            quiet: The progress bar: True off, False on, None on a terminal unless `ZOO_QUIET`.
+
+        Returns:
+            How many items were encoded and stored.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        todo: dict[str, bytes] = {}
+        for data in items:
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in todo and not self.path(sha).is_file():
+                todo[sha] = data
+        missing = list(todo.values())
+        with progress(total=len(missing), desc=f"features {self.encoder_key}", unit="item", quiet=quiet) as bar:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                self.encode(chunk)
+                bar.update(len(chunk))
+        return len(missing)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Features of one media item."""

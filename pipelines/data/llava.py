@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .fashion_mnist import png_bytes
 from .schema import Media, Sample, split_of
-from .select import pick_per_split
+from .select import materialize, pick_per_split
 
 IMAGE_TOKEN = "<image>"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
@@ -113,4 +113,4 @@ def import_llava(
             cache[rel] = png_bytes(img)
         return (Media("image", cache[rel]),)
 
-    return {s: [Sample(k, task_family, s, q, a, media(img, where)) for k, _, q, a, img, where in cs] for s, cs in picked.items()}
+    return materialize(picked, lambda c, s: Sample(c[0], task_family, s, c[2], c[3], media(c[4], c[5])), task_family)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from .schema import SPLITS, order_key
+from zoo.progress import progress
+
+from .schema import SPLITS, Sample, order_key
 
 T = TypeVar("T")
 
@@ -38,3 +40,24 @@ def pick_per_split(candidates: Iterable[T], split: Callable[[T], str], key: Call
         if max_per_split is not None:
             del items[max_per_split:]
     return groups
+
+
+def materialize(picked: dict[str, list[T]], make: Callable[[T, str], Sample], desc: str) -> dict[str, list[Sample]]:
+    """Render every picked candidate into a sample (media encoded), with one progress bar for the family.
+
+    Args:
+        picked: ``{split: [candidate, ...]}`` from `pick_per_split`.
+        make: ``(candidate, split) -> sample`` (the slow part: drawing, synthesizing, encoding media).
+        desc: The bar's label (the task family); see `zoo.progress.progress` for when it shows.
+
+    Returns:
+        ``{split: [sample, ...]}`` in the candidates' order.
+    """
+    out: dict[str, list[Sample]] = {}
+    with progress(total=sum(len(c) for c in picked.values()), desc=desc, unit="sample") as bar:
+        for split, cands in picked.items():
+            out[split] = []
+            for c in cands:
+                out[split].append(make(c, split))
+                bar.update()
+    return out

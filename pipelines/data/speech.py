@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .audio import decode_wav, encode_wav, resample, trim_silence
 from .schema import Media, Sample, split_of
-from .select import pick_per_split
+from .select import materialize, pick_per_split
 
 TASK_FAMILY = "asr"
 INSTRUCTION = "Transcribe the audio."
@@ -100,7 +100,8 @@ def build_spoken_words(
     """
     cands = [_Candidate(w, v, s, p) for w in words for v in voices for s in speeds for p in pitches]
     picked = pick_per_split(cands, lambda c: split_of(c.key, val_fraction, test_fraction), lambda c: c.key, max_per_split)
-    return {
-        split: [Sample(c.key, TASK_FAMILY, split, INSTRUCTION, c.text, (Media("audio", espeak_wav(c.text, c.voice, c.speed, c.pitch)),)) for c in cs]
-        for split, cs in picked.items()
-    }
+
+    def make(c: _Candidate, split: str) -> Sample:
+        return Sample(c.key, TASK_FAMILY, split, INSTRUCTION, c.text, (Media("audio", espeak_wav(c.text, c.voice, c.speed, c.pitch)),))
+
+    return materialize(picked, make, TASK_FAMILY)

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .schema import Sample, hash_unit, split_of
-from .select import pick_per_split
+from .select import materialize, pick_per_split
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
 TASK_FAMILY = "text"
@@ -176,7 +176,7 @@ def build_wordnet_instructions(
         split = splits[syn.key]
         cands.extend(_Candidate(syn, q, split) for q in question_types)
     picked = pick_per_split(cands, lambda c: c.split, lambda c: c.key, max_per_split)
-    return {split: [_make(c, synsets) for c in cs] for split, cs in picked.items()}
+    return materialize(picked, lambda c, _: _make(c, synsets), TASK_FAMILY)
 
 
 def _make(c: _Candidate, pool: list[Synset]) -> Sample:

@@ -7,6 +7,9 @@ lives at `$ZOO_HOME` (default `~/.cache/zoo`), content-addressed as
 `downloads/<sha256>/<file name>`; a file under its final name there has always been verified.
 
 `hf://org/repo[@revision][/path/in/repo]` goes through huggingface_hub and its own cache.
+
+Downloads show a byte progress bar on a terminal (`zoo.progress`); `ZOO_QUIET=1` turns it off,
+huggingface_hub's own bars included.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.io.checkpoint import fsync_dir, sha256_file
+from zoo.progress import is_quiet, progress
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +136,10 @@ def _hash_prefix(path: Path) -> hashlib._Hash:
     return digest
 
 
-def _fetch_once(url: str, part: Path, timeout: float) -> hashlib._Hash:
+def _fetch_once(url: str, part: Path, timeout: float, quiet: bool | None = None) -> hashlib._Hash:
     """One HTTP attempt that appends to `part` (resuming it if non-empty); returns the running hash.
+
+    Shows a byte progress bar (`zoo.progress`; a resumed transfer starts at the bytes kept).
 
     Raises:
         DownloadError: on an HTTP error status (the partial file is removed on a 4xx).
@@ -149,7 +155,7 @@ def _fetch_once(url: str, part: Path, timeout: float) -> hashlib._Hash:
         if e.code == 416 and offset:  # our partial file is not a prefix the server can extend
             logger.warning("server refused to resume %s at byte %d; starting over", url, offset)
             part.unlink()
-            return _fetch_once(url, part, timeout)
+            return _fetch_once(url, part, timeout, quiet)
         if e.code >= 500:  # the server may recover: let the caller retry (and resume)
             raise _TransientHTTPError(f"HTTP {e.code} {e.reason}") from None
         part.unlink(missing_ok=True)  # the resource is gone or forbidden: a partial file is useless
@@ -164,18 +170,22 @@ def _fetch_once(url: str, part: Path, timeout: float) -> hashlib._Hash:
             digest = hashlib.sha256()
             mode = "wb"
         length = response.headers.get("Content-Length")
+        length = int(length) if length is not None and length.isdigit() else None
+        kept = offset if mode == "ab" else 0
         received = 0
-        with open(part, mode) as f:
+        with open(part, mode) as f, progress(total=None if length is None else kept + length, initial=kept, unit="B",
+                                             desc=part.name.removesuffix(".part"), quiet=quiet) as bar:
             while chunk := response.read(_CHUNK):
                 f.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
         # http.client's read(n) returns b"" when the connection closes early, even with bytes
         # still owed under Content-Length: check the count ourselves.
-        if length is not None and length.isdigit() and received < int(length):
-            raise http.client.IncompleteRead(b"", int(length) - received)
+        if length is not None and received < length:
+            raise http.client.IncompleteRead(b"", length - received)
     return digest
 
 
@@ -188,6 +198,7 @@ def download(
     retries: int = 3,
     retry_wait: float = 1.0,
     timeout: float = 60.0,
+    quiet: bool | None = None,
 ) -> Path:
     """Download `url` into the cache, verify its sha256, and return its cached path.
 
@@ -203,6 +214,8 @@ def download(
         retries: extra attempts after a broken transfer, each resuming where the last stopped.
         retry_wait: seconds before the first retry, doubling after each.
         timeout: socket timeout in seconds.
+        quiet: the byte progress bar (`zoo.progress.progress`): True off, False on, None: on
+            only when stderr is a terminal and `ZOO_QUIET` is unset.
 
     Raises:
         DownloadError: HTTP error status (e.g. 404), or the transfer kept breaking; in the latter
@@ -222,7 +235,7 @@ def download(
 
     with _locked(root / "locks" / f"{expected}.lock"):
         try:
-            return _download_locked(url, expected, folder, final, part, retries, retry_wait, timeout)
+            return _download_locked(url, expected, folder, final, part, retries, retry_wait, timeout, quiet)
         finally:
             try:
                 folder.rmdir()  # only succeeds when the folder is empty (a failed first attempt)
@@ -231,7 +244,8 @@ def download(
 
 
 def _download_locked(
-    url: str, expected: str, folder: Path, final: Path, part: Path, retries: int, retry_wait: float, timeout: float
+    url: str, expected: str, folder: Path, final: Path, part: Path, retries: int, retry_wait: float, timeout: float,
+    quiet: bool | None,
 ) -> Path:
     """`download` once the lock is held."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -245,7 +259,7 @@ def _download_locked(
     attempt = 0
     while True:
         try:
-            digest = _fetch_once(url, part, timeout)
+            digest = _fetch_once(url, part, timeout, quiet)
             break
         except (OSError, http.client.HTTPException) as e:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS):
@@ -270,6 +284,21 @@ def _download_locked(
     return final
 
 
+@contextmanager
+def _hf_bars_off_when_quiet():
+    """huggingface_hub draws its own bars: off inside the block when `zoo.progress.is_quiet()`."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    turn_off = is_quiet() and not are_progress_bars_disabled()
+    if turn_off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if turn_off:
+            enable_progress_bars()
+
+
 def _hf_fetch(loc: HFLocation, cache_dir: str | os.PathLike | None) -> Path:
     import huggingface_hub
 
@@ -277,9 +306,10 @@ def _hf_fetch(loc: HFLocation, cache_dir: str | os.PathLike | None) -> Path:
     if cache_dir is not None:
         kwargs["cache_dir"] = str(Path(cache_dir).expanduser() / "hf")
     try:
-        if loc.path is None:
-            return Path(huggingface_hub.snapshot_download(**kwargs))
-        return Path(huggingface_hub.hf_hub_download(filename=loc.path, **kwargs))
+        with _hf_bars_off_when_quiet():
+            if loc.path is None:
+                return Path(huggingface_hub.snapshot_download(**kwargs))
+            return Path(huggingface_hub.hf_hub_download(filename=loc.path, **kwargs))
     except Exception as e:  # huggingface_hub raises many types (offline, not found, auth, HTTP)
         what = f"{loc.repo_id}/{loc.path}" if loc.path else loc.repo_id
         raise DownloadError(
