@@ -1,8 +1,9 @@
-"""The installed `zoo` command: the library's `list | load | export | publish` plus `build | train | eval`.
+"""The installed `zoo` command: the library's `list | load | export | publish` plus `build | train | eval | experiment`.
 
     zoo build NAME[@VERSION] [--force] [--resume]
     zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed] ...
     zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
+    zoo experiment EXPERIMENT [--out DIR] [--store DIR] [--variant V ...] [--seeds 0,1,2]
 
 RECIPE is a recipe file or the name of a shipped one (`tiny-zoo`, `micro`). CHECKPOINT is a model
 directory (a recipe output, an installed checkpoint) or a card name. Bad input ends with one line
@@ -82,8 +83,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from zoo.io.hub import zoo_home
+    from zoo.pipelines.experiment import ExperimentConfig, run_experiment
+
+    exp = ExperimentConfig.load(args.experiment)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    out = Path(args.out) if args.out else zoo_home() / "experiments" / exp.name
+    report = run_experiment(exp, out, store=args.store, variants=args.variant, seeds=seeds, progress=not args.quiet)
+    print(f"{out / 'results.md'} ({report['executed_stages']} stages run, {report['reused_stages']} reused)")
+    for f in report["failures"]:
+        print(f"zoo: error: run {f['variant']} seed {f['seed']} failed: {f['error']}", file=sys.stderr)
+    return 1 if report["failures"] else 0
+
+
 def add_training_commands(sub) -> None:
-    """Add `build`, `train` and `eval` to the `zoo` subparsers."""
+    """Add `build`, `train`, `eval` and `experiment` to the `zoo` subparsers."""
     s = sub.add_parser("build", help="run a card's recipe and install its checkpoint under $ZOO_HOME/models")
     s.add_argument("name", help="NAME or NAME@VERSION")
     s.add_argument("--version", help="exact version or range")
@@ -114,6 +134,15 @@ def add_training_commands(sub) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
 
+    s = sub.add_parser("experiment", help="run a recipe's variants x seeds and report means with 95%% intervals")
+    s.add_argument("experiment", help="an experiment YAML file or a shipped experiment name (configs/experiments/)")
+    s.add_argument("--out", help="experiment directory (default: $ZOO_HOME/experiments/<name>)")
+    s.add_argument("--store", help="stage store shared between experiments (default: OUT/store)")
+    s.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    s.add_argument("--seeds", help="run only these seeds (comma-separated)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_experiment)
+
 
 def make_full_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser()
@@ -130,4 +159,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ERRORS", "add_training_commands", "main", "make_full_parser"]
+__all__ = ["ERRORS", "add_training_commands", "cmd_experiment", "main", "make_full_parser"]

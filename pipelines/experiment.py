@@ -1,0 +1,939 @@
+"""`zoo experiment`: a recipe's variants × seeds, scored with confidence intervals over seeds.
+
+One training run is not evidence: the same code and seed on two of our machines gave asr exact
+match 0.862 and 0.715. An experiment config (`configs/experiments/<name>.yaml`) names a base
+recipe, the overrides every variant shares (`overrides`: usually the budget), named variants
+(overrides of stages and options), the seeds, the stage whose outputs are measured, and the
+claims to test (`compare`). `run_experiment` then
+
+1. plans every (variant, seed) run as a recipe; each stage gets a key (sha256 of the code, the
+   model, data and tokenizer settings, the seed, and the configs of the stage and of every stage
+   it starts from), so stages that variants share run once per seed and are reused (also across
+   experiments that use the same store);
+2. runs the stages the measured stage needs, skipping those already finished (a `done.json`
+   beside their outputs): after a kill, a re-run continues where it stopped (a stage that was
+   training resumes from its newest training checkpoint);
+3. measures each output: the task metric per family on the test split (greedy generation, the
+   majority-answer baseline beside it), mean experts per token over the language model's MoE
+   layers, active parameters and FLOPs per token, trainable parameters, stored bytes, wall time;
+4. reports per variant and family the mean and the 95% Student-t interval over seeds
+   (`zoo.pipelines.experiment_stats`), each claim's paired difference with its interval and
+   verdict: `results.json`, `results.md` and `results.png` (metric per variant, error bars).
+
+A run that fails is recorded with its error and the others go on (the command then exits 1).
+
+Seeds: run seed s sets the recipe's seed to `1000 s` (model initialization, data order: stage i
+draws batches with seed `1000 s + i`), each stage's `train.seed` to `1000 s + i` (dropout, router
+noise), the global torch RNG to `1000 s + i` before stage i's hooks (LoRA and router
+initialization), and adds `1000 s` to the seed of every upcycler that takes one (noisy and split
+upcycling). The data itself is the same for every seed (one benchmark, built once).
+
+Layout (OUT: the experiment's directory; STORE: the stage store, shareable between experiments):
+
+    STORE/data-<key>/                  the built data (one per data config)
+    STORE/tokenizer-<key>/tokenizer/   the tokenizer (one per data config, families and vocabulary)
+    STORE/features/                    the frozen-encoder feature cache
+    STORE/stage-<key>/                 one stage's outputs (`<stage>/...` layout), done.json, measure-*.json
+    OUT/runs/<variant>/seed-<s>/       a run directory: symlinks to the above
+    OUT/results.json, results.md, results.png
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.config import config_from_dict, sub_config, to_plain
+from zoo.pipelines.experiment_stats import EXPECTATIONS, Interval, paired_difference, t_interval, verdict
+
+SEED_STRIDE = 1000
+# Bump when the harness changes what a stage computes (its seeding): stored stages are not reused.
+HARNESS_VERSION = 1
+EFFICIENCY = ("experts_per_token", "active_params", "flops_per_token", "trainable_params", "stored_bytes", "wall_s")
+
+
+@dataclass
+class Comparison:
+    """A claim from a paper: variant `a` against its control `b`, paired by seed.
+
+    Attributes:
+        a: the method's variant.
+        b: the control's variant.
+        claim: the claim in words.
+        paper: where it comes from.
+        expect: what `a - b` should be: "higher", "lower", "not_lower" (no worse than `margin`
+            below), "not_higher".
+        metric: "task" (each family's task metric) or one of the efficiency fields
+            (`experts_per_token`, `active_params`, `flops_per_token`, `trainable_params`,
+            `stored_bytes`, `wall_s`).
+        margin: tolerance of the "not_*" expectations, in the metric's units.
+    """
+
+    a: str
+    b: str
+    claim: str = ""
+    paper: str = ""
+    expect: str = "higher"
+    metric: str = "task"
+    margin: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.expect not in EXPECTATIONS:
+            raise ValueError(f"compare {self.a} vs {self.b}: expect must be one of {list(EXPECTATIONS)}, got {self.expect!r}")
+        if self.metric != "task" and self.metric not in EFFICIENCY:
+            raise ValueError(f"compare {self.a} vs {self.b}: metric must be 'task' or one of {list(EFFICIENCY)}, "
+                             f"got {self.metric!r}")
+
+
+@dataclass
+class MeasureSpec:
+    """How each measured output is scored.
+
+    Attributes:
+        limit: scored test samples per family (None: all).
+        max_new_tokens: greedy generation length.
+        batch_size: generation batch size.
+        routing_samples: test samples per family in the forward pass that counts experts per token.
+    """
+
+    limit: int | None = 100
+    max_new_tokens: int = 12
+    batch_size: int = 16
+    routing_samples: int = 16
+
+
+@dataclass
+class ExperimentConfig:
+    """Variants × seeds of one recipe.
+
+    Attributes:
+        name: the experiment's name.
+        recipe: the base recipe (a YAML path, relative to the experiment file, or a shipped name).
+        seeds: run seeds (at least one; 3-5 for an interval that says something).
+        variants: variant name -> overrides (below); `{}` is the recipe as it is.
+        only: keep only these stages of the recipe (in its order); default all.
+        extend: stage configs appended to the recipe (for every variant).
+        overrides: overrides applied to every variant before its own (e.g. fewer steps).
+        measure: the stage whose outputs are measured (default: the last one). Only it and the
+            stages it starts from (transitively) run.
+        factor: dotted paths (fnmatch patterns) in which variants may differ, e.g.
+            `stages.moe-tune.options.moe.router`; when given, a difference anywhere else is an
+            error naming the path (the fair control). Paths are over the resolved recipe:
+            `stages.<stage name>.<field>...`, `data...`, `model...`.
+        eval: how outputs are scored (`MeasureSpec`).
+        compare: the claims (`Comparison`).
+        level: confidence level of every interval.
+        description: what the study asks, in words (copied into results.md).
+
+    Overrides are a mapping: `stages: {<stage name>: <partial stage config> | null}` deep-merges
+    into that stage (`null` drops it; a different `kind` starts the stage's options afresh; lists
+    are replaced, not merged), and any other recipe field (`data`, `tokenizer_vocab`, `model`)
+    replaces or deep-merges into the recipe's. An unknown stage, field or option is an error
+    naming it.
+    """
+
+    name: str
+    recipe: str
+    seeds: list[int]
+    variants: dict[str, Any]
+    only: list[str] | None = None
+    extend: list[dict] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    measure: str | None = None
+    factor: list[str] | None = None
+    eval: MeasureSpec = field(default_factory=MeasureSpec)
+    compare: list[Comparison] = field(default_factory=list)
+    level: float = 0.95
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"experiment {self.name!r}"
+        if not isinstance(self.seeds, list) or not self.seeds:
+            raise ValueError(f"{where}: `seeds` must list at least one seed, got {self.seeds!r}")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise ValueError(f"{where}: seeds must be non-negative integers, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"{where}: duplicate seeds in {self.seeds}")
+        if not isinstance(self.variants, dict) or not self.variants:
+            raise ValueError(f"{where}: `variants` must name at least one variant (name -> overrides)")
+        for name, value in self.variants.items():
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{where}: variant {name!r} must be a mapping of overrides, got {type(value).__name__}")
+        self.variants = {k: dict(v or {}) for k, v in self.variants.items()}
+        self.eval = sub_config(MeasureSpec, self.eval, f"{where}: eval")
+        self.compare = [sub_config(Comparison, c, f"{where}: compare[{i}]") for i, c in enumerate(self.compare or [])]
+        for c in self.compare:
+            for v in (c.a, c.b):
+                if v not in self.variants:
+                    raise ValueError(f"{where}: compare names variant {v!r}; variants: {list(self.variants)}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"{where}: level must be in (0, 1), got {self.level}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExperimentConfig:
+        """Read an experiment YAML file, or a shipped one by name (`configs/experiments/<name>.yaml`)."""
+        from zoo.resources import config_path
+
+        p = Path(path)
+        if not p.is_file() and p.suffix == "" and len(p.parts) == 1:
+            p = config_path("experiments", str(path), ".yaml")
+        if not p.is_file():
+            raise FileNotFoundError(f"experiment {str(path)!r} does not exist")
+        data = yaml.safe_load(p.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"experiment {str(p)!r} must be a YAML mapping")
+        recipe = data.get("recipe")
+        if isinstance(recipe, str) and Path(recipe).suffix and not Path(recipe).is_absolute():
+            data["recipe"] = str((p.parent / recipe).resolve())
+        return config_from_dict(cls, data)
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def _deep_merge(base: Any, patch: Any) -> Any:
+    """`patch` over `base`: mappings merge key by key, everything else (lists included) is replaced."""
+    if isinstance(base, Mapping) and isinstance(patch, Mapping):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _deep_merge(base.get(k), v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(patch)
+
+
+def _recipe_fields() -> list[str]:
+    from zoo.pipelines.stages import RecipeConfig
+
+    return [f.name for f in dataclasses.fields(RecipeConfig) if f.name not in ("name", "stages", "seed", "eval")]
+
+
+def apply_overrides(recipe: dict, overrides: Mapping[str, Any], where: str) -> dict:
+    """The raw recipe dict with `overrides` applied (see `ExperimentConfig`).
+
+    Raises:
+        ValueError: an override names a stage the recipe does not have, a recipe field that does
+            not exist or cannot be overridden, or renames a stage.
+    """
+    out = copy.deepcopy(recipe)
+    for key, value in (overrides or {}).items():
+        if key == "stages":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{where}: `stages` overrides map stage names to partial stage configs, got "
+                                f"{type(value).__name__}")
+            for name, patch in value.items():
+                names = [s.get("name") for s in out["stages"]]
+                if name not in names:
+                    raise ValueError(f"{where}: overrides stage {name!r}, which recipe {out.get('name')!r} does not have; "
+                                     f"stages: {names}")
+                i = names.index(name)
+                if patch is None:
+                    del out["stages"][i]
+                    continue
+                if not isinstance(patch, Mapping):
+                    raise TypeError(f"{where}: the override of stage {name!r} must be a mapping or null, got "
+                                    f"{type(patch).__name__}")
+                if patch.get("name", name) != name:
+                    raise ValueError(f"{where}: the override of stage {name!r} renames it to {patch['name']!r}; "
+                                     "a variant keeps the recipe's stage names")
+                base = out["stages"][i]
+                if "kind" in patch and patch["kind"] != base.get("kind"):
+                    base = {k: v for k, v in base.items() if k != "options"}  # a new kind starts its options afresh
+                out["stages"][i] = _deep_merge(base, dict(patch))
+        else:
+            allowed = _recipe_fields()
+            if key not in allowed:
+                raise ValueError(f"{where}: unknown recipe field {key!r} in the overrides; overridable: {allowed} "
+                                 "and `stages` (seed and eval are the experiment's)")
+            out[key] = _deep_merge(out.get(key), value) if key in out else copy.deepcopy(value)
+    return out
+
+
+def base_recipe_dict(exp: ExperimentConfig) -> dict:
+    """The experiment's recipe as a raw dict: the file, `only` stages kept, `extend` appended, `overrides` applied."""
+    from zoo.resources import config_path
+
+    p = Path(exp.recipe)
+    if not p.is_file() and p.suffix == "" and len(p.parts) == 1:
+        p = config_path("recipes", exp.recipe, ".yaml")
+    if not p.is_file():
+        raise FileNotFoundError(f"experiment {exp.name!r}: recipe {exp.recipe!r} does not exist")
+    raw = yaml.safe_load(p.read_text())
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
+        raise ValueError(f"experiment {exp.name!r}: recipe {str(p)!r} is not a recipe mapping with `stages`")
+    if isinstance(raw.get("model"), str) and not Path(raw["model"]).is_absolute():
+        raw["model"] = str((p.parent / raw["model"]).resolve())
+    if exp.only is not None:
+        names = [s.get("name") for s in raw["stages"]]
+        unknown = [n for n in exp.only if n not in names]
+        if unknown:
+            raise ValueError(f"experiment {exp.name!r}: `only` names stages {unknown} that recipe {raw.get('name')!r} "
+                             f"does not have; stages: {names}")
+        raw["stages"] = [s for s in raw["stages"] if s.get("name") in exp.only]
+    raw["stages"] = [*raw["stages"], *copy.deepcopy(exp.extend or [])]
+    raw["name"] = f"{exp.name}"
+    return apply_overrides(raw, exp.overrides, f"experiment {exp.name!r}: overrides")
+
+
+def variant_recipe_dict(exp: ExperimentConfig, variant: str) -> dict:
+    """The raw recipe dict of one variant (before seeding)."""
+    if variant not in exp.variants:
+        raise ValueError(f"experiment {exp.name!r} has no variant {variant!r}; variants: {list(exp.variants)}")
+    raw = apply_overrides(base_recipe_dict(exp), exp.variants[variant], f"experiment {exp.name!r}: variant {variant!r}")
+    raw["name"] = f"{exp.name}-{variant}"
+    raw["eval"] = None  # the experiment measures its outputs itself (`MeasureSpec`)
+    return raw
+
+
+def _upcycler_seeds(options: Any, offset: int) -> Any:
+    """`options` with `offset` added to the seed of every upcycler in it that takes one (noisy, split)."""
+    from zoo.transforms.upcycle import UPCYCLERS
+
+    if isinstance(options, list):
+        return [_upcycler_seeds(v, offset) for v in options]
+    if not isinstance(options, dict):
+        return options
+    out = {k: _upcycler_seeds(v, offset) for k, v in options.items()}
+    name = out.get("upcycler")
+    if isinstance(name, str) and name in UPCYCLERS.names():
+        fields = {f.name: f for f in dataclasses.fields(UPCYCLERS.options(name, {}))} if UPCYCLERS.entry(name).options else {}
+        if "seed" in fields:
+            opts = dict(out.get("upcycler_options") or {})
+            opts["seed"] = int(opts.get("seed", fields["seed"].default)) + offset
+            out["upcycler_options"] = opts
+    return out
+
+
+def seeded_recipe_dict(raw: dict, seed: int) -> dict:
+    """`raw` with run seed `seed` in every random source the recipe controls (see the module docstring)."""
+    out = copy.deepcopy(raw)
+    base = seed * SEED_STRIDE
+    out["seed"] = base
+    for i, stage in enumerate(out["stages"]):
+        train = dict(stage.get("train") or {})
+        train["seed"] = base + i
+        stage["train"] = train
+        if "options" in stage:
+            stage["options"] = _upcycler_seeds(stage["options"], base)
+    return out
+
+
+def build_recipe(raw: dict, where: str):
+    """A validated `RecipeConfig` from a raw dict, errors prefixed with `where`."""
+    from zoo.pipelines.stages import RecipeConfig
+
+    try:
+        return config_from_dict(RecipeConfig, copy.deepcopy(raw))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+
+
+def recipe_paths(recipe) -> dict[str, Any]:
+    """The resolved recipe as `{dotted path: leaf value}`, stages keyed by name (`stages.<name>.<field>`)."""
+    plain = to_plain(recipe)
+    plain["stages"] = {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in plain["stages"]}
+    for key in ("name", "eval", "seed"):
+        plain.pop(key, None)
+    out: dict[str, Any] = {}
+    _flatten(plain, "", out)
+    return out
+
+
+def check_factor(exp: ExperimentConfig, recipes: Mapping[str, Any]) -> None:
+    """Raise if two variants differ outside the declared `factor` paths (nothing to check without one).
+
+    Raises:
+        ValueError: naming the first path and the two variants that differ there.
+    """
+    if exp.factor is None:
+        return
+    names = list(recipes)
+    paths = {v: recipe_paths(r) for v, r in recipes.items()}
+    ref = names[0]
+    for other in names[1:]:
+        a, b = paths[ref], paths[other]
+        for path in sorted(set(a) | set(b)):
+            same = path in a and path in b and a[path] == b[path]
+            if same:
+                continue
+            # a path present in one only: a subtree that exists in one variant (a stage, an option)
+            if not any(fnmatch.fnmatchcase(path, f) or fnmatch.fnmatchcase(path, f + ".*") for f in exp.factor):
+                show = lambda d: repr(d[path]) if path in d else "absent"  # noqa: E731
+                raise ValueError(
+                    f"experiment {exp.name!r}: variants {ref!r} and {other!r} differ in {path} ({show(a)} vs {show(b)}), "
+                    f"outside the declared factor {exp.factor}: make them equal or add the path to `factor`"
+                )
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """sha256 of the library and training sources (a stage is reused only by the same code).
+
+    Computed once per process: the process runs the code it imported, whatever changes on disk later.
+    """
+    import zoo
+    import zoo.encoders
+    import zoo.kernels
+    import zoo.pipelines
+
+    digest = hashlib.sha256(f"harness-{HARNESS_VERSION}".encode())
+    for pkg in (zoo, zoo.encoders, zoo.kernels, zoo.pipelines):
+        root = Path(pkg.__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            if path.name.startswith("experiment"):  # the harness and its reports do not change a stage
+                continue
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunPlan:
+    """One (variant, seed) run.
+
+    Attributes:
+        variant: the variant's name.
+        seed: the run seed.
+        recipe: its seeded `RecipeConfig`.
+        chain: indices of the stages it runs, in order (the measured stage and those it starts from).
+        keys: stage name -> stage key (for the stages in `chain`).
+        data_key: key of the data directory.
+        tokenizer_key: key of the tokenizer directory.
+    """
+
+    variant: str
+    seed: int
+    recipe: Any
+    chain: list[int]
+    keys: dict[str, str]
+    data_key: str
+    tokenizer_key: str
+
+    @property
+    def measured(self):
+        return self.recipe.stages[self.chain[-1]]
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/seed-{self.seed}"
+
+
+def _chain(recipe, measure: str | None) -> list[int]:
+    index = len(recipe.stages) - 1 if measure is None else recipe.stages.index(recipe.stage(measure))
+    chain = [index]
+    while (start := recipe.start_of(chain[-1])) is not None:
+        chain.append(recipe.stages.index(start))
+    return chain[::-1]
+
+
+def plan(exp: ExperimentConfig, *, variants: list[str] | None = None, seeds: list[int] | None = None) -> list[RunPlan]:
+    """Every (variant, seed) run of the experiment, with its stage keys; checks the factor.
+
+    Args:
+        exp: the experiment.
+        variants: plan only these variants (default all).
+        seeds: plan only these seeds (default the experiment's).
+
+    Raises:
+        ValueError: bad overrides (an unknown stage, field or option), a variant outside the
+            declared factor, an unknown variant or measured stage.
+    """
+    unknown = sorted(set(variants or []) - set(exp.variants))
+    if unknown:
+        raise ValueError(f"experiment {exp.name!r} has no variant(s) {unknown}; variants: {list(exp.variants)}")
+    if seeds is not None and not seeds:
+        raise ValueError(f"experiment {exp.name!r}: the seed list is empty")
+    raws = {v: variant_recipe_dict(exp, v) for v in exp.variants}
+    recipes = {v: build_recipe(r, f"experiment {exp.name!r}: variant {v!r}") for v, r in raws.items()}
+    check_factor(exp, recipes)
+    for v, r in recipes.items():
+        if exp.measure is not None:
+            try:
+                r.stage(exp.measure)
+            except ValueError as e:
+                raise ValueError(f"experiment {exp.name!r}: variant {v!r}: measure: {e}") from None
+    code = _code_version()
+    runs = []
+    for v in variants or list(exp.variants):
+        for s in seeds if seeds is not None else exp.seeds:
+            recipe = build_recipe(seeded_recipe_dict(raws[v], s), f"experiment {exp.name!r}: variant {v!r}")
+            data_key = _hash({"code": code, "data": recipe.data})
+            families = sorted({f for st in recipe.stages for f in st.data})
+            tokenizer_key = _hash({"data": data_key, "families": families, "vocab": recipe.tokenizer_vocab,
+                                   "lm": recipe.model.lm.config.get("vocab_size")})
+            chain = _chain(recipe, exp.measure)
+            common = {"code": code, "model": to_plain(recipe.model), "tokenizer": tokenizer_key, "seed": recipe.seed}
+            keys = {}
+            for pos, i in enumerate(chain):
+                links = [(j, to_plain(recipe.stages[j])) for j in chain[: pos + 1]]
+                keys[recipe.stages[i].name] = _hash({**common, "stages": links})
+            runs.append(RunPlan(v, s, recipe, chain, keys, data_key, tokenizer_key))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+def _count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def routing_cost(model, batch: dict) -> dict[str, Any]:
+    """Experts per token, active parameters and FLOPs per token of the language model on `batch`.
+
+    An expert's parameters are the ones stacked over experts in a `SparseMoE`'s experts module
+    (first dimension E: the routed FFN experts, MixLoRA's and LoRAMoE's LoRA experts; a frozen
+    FFN the LoRA experts sit on is shared, so always active). Per MoE layer, `E - experts/token`
+    experts' parameters are inactive for an average token (null experts and empty slots count as
+    no expert). FLOPs per token: `2 x` the active parameters that multiply (the input embedding
+    lookup is not a matmul; a tied output head counts once), the usual 2N forward estimate
+    without attention's sequence-length term.
+
+    Args:
+        model: a `MultimodalMoE`.
+        batch: its inputs (`collate` with answers).
+
+    Returns:
+        `{"experts_per_token": mean over the LM's MoE layers or None (dense), "per_layer": [...],
+        "active_params", "total_params", "flops_per_token"}` (LM only).
+    """
+    import torch
+
+    from zoo.moe.capture import capture_routing
+    from zoo.moe.losses import experts_per_token
+
+    lm = model.language_model
+    with torch.no_grad(), capture_routing(lm) as records:
+        model(**batch)
+    total = _count_params(lm)
+    inactive = 0.0
+    per_layer: dict[str, float] = {}
+    for r in records:
+        e = r.num_experts
+        ept = float(experts_per_token(r.output.indices, r.context.get("mask")))
+        per_layer[r.name] = ept
+        experts = lm.get_submodule(r.name).experts
+        stacked = sum(p.numel() for p in experts.parameters() if p.dim() and p.shape[0] == e)
+        inactive += stacked * (1 - ept / e)
+    hf = model.hf_model
+    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    active = total - inactive
+    return {
+        "experts_per_token": sum(per_layer.values()) / len(per_layer) if per_layer else None,
+        "per_layer": per_layer,
+        "total_params": total,
+        "active_params": round(active),
+        "flops_per_token": round(2 * (active - (0 if tied else emb.weight.numel()))),
+    }
+
+
+def _trainable_params(output: Path) -> int | None:
+    """Parameters the output's stage trained (names in its config, sizes from its final training checkpoint)."""
+    from safetensors import safe_open
+
+    from zoo.io.checkpoint import WEIGHTS_NAME
+    from zoo.pipelines.train import checkpoints
+
+    config = json.loads((output / "config.json").read_text())
+    names = set(config.get("trained") or [])
+    found = checkpoints(output.parent / "train")
+    if not found or not (found[-1] / WEIGHTS_NAME).is_file():
+        return None
+    with safe_open(str(found[-1] / WEIGHTS_NAME), "pt") as f:
+        return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys() if n in names)
+
+
+def _stored_bytes(output: Path) -> int:
+    """What a release of the output stores: its weights, or for an ESFT output its expert adapter alone."""
+    config = json.loads((output / "config.json").read_text())
+    esft = config.get("esft") if isinstance(config.get("esft"), dict) else None
+    if esft and "adapter_bytes" in esft:
+        return int(esft["adapter_bytes"])
+    return sum(p.stat().st_size for p in output.glob("model*.safetensors"))
+
+
+def measure_output(output: Path, families: list[str], test: Mapping[str, list], train: Mapping[str, list],
+                   spec: MeasureSpec) -> dict[str, Any]:
+    """Score one stage output: task metric per family, routing cost, trainable parameters, stored bytes.
+
+    Returns:
+        `{"families": {family: {"metric", "value", "baseline", "n"}}, **routing_cost, "trainable_params",
+        "stored_bytes"}`.
+    """
+    import torch
+
+    from zoo.catalog.load import load_directory
+    from zoo.pipelines.collate import collate
+    from zoo.pipelines.eval import METRIC_OF_FAMILY, SCORED, evaluate
+
+    torch.manual_seed(0)
+    model, processor, _ = load_directory(output)
+    scored = {}
+    for family in [f for f in families if f in METRIC_OF_FAMILY]:
+        keep = SCORED.get(family, lambda s: True)
+        samples = [s for s in test[family] if keep(s)][: spec.limit]
+        r = evaluate(model, processor, samples, family=family, train=train[family], batch_size=spec.batch_size,
+                     max_new_tokens=spec.max_new_tokens)
+        scored[family] = {k: r[k] for k in ("metric", "value", "baseline", "n")}
+    samples = [s for f in sorted(families) if f in test for s in test[f][: spec.routing_samples]]
+    cost = routing_cost(model, collate(samples, processor)) if samples else {}
+    return {"families": scored, **cost, "trainable_params": _trainable_params(output), "stored_bytes": _stored_bytes(output)}
+
+
+@dataclass
+class RunResult:
+    """What one (variant, seed) run gave.
+
+    Attributes:
+        variant, seed: the run.
+        outputs: output name -> measurement (`measure_output`) with `family` (the branch's, or None).
+        wall_s: seconds its stages took from scratch (shared stages included, as if run alone).
+        error: the failure, if it failed.
+    """
+
+    variant: str
+    seed: int
+    outputs: dict[str, dict] = field(default_factory=dict)
+    wall_s: float | None = None
+    error: str | None = None
+
+
+class _Runner:
+    """Runs planned stages into the store, once each, and measures the outputs."""
+
+    def __init__(self, exp: ExperimentConfig, out_dir: Path, store: Path):
+        self.exp, self.out_dir, self.store = exp, out_dir, store
+        self.prepared: dict[str, tuple] = {}
+        self.failed: dict[str, str] = {}
+        self.executed: list[str] = []
+        self.reused: list[str] = []
+
+    def _data(self, run: RunPlan):
+        """(datasets with `.test` for every family, processor, tokenizer dir) of the run's data, built once."""
+        from zoo.pipelines.datasets import load_datasets, prepare
+
+        if run.tokenizer_key not in self.prepared:
+            data_dir = self.store / f"data-{run.data_key}"
+            tok_root = self.store / f"tokenizer-{run.tokenizer_key}"
+            datasets, processor = prepare(run.recipe, tok_root, data_dir)
+            families = sorted(set(datasets) - {"corpus"})
+            datasets.test = load_datasets(data_dir, set(families), "test")
+            self.prepared[run.tokenizer_key] = (datasets, processor, tok_root / "tokenizer")
+        return self.prepared[run.tokenizer_key]
+
+    def _link(self, link: Path, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                return
+            if link.is_dir() and not link.is_symlink():
+                raise FileExistsError(f"{link} is a directory, not the store link the experiment expects")
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+
+    def run_dir(self, run: RunPlan) -> Path:
+        return self.out_dir / "runs" / run.variant / f"seed-{run.seed}"
+
+    def _stage(self, run: RunPlan, index: int, datasets, processor, bar) -> float:
+        """Run stage `index` of `run` unless its key is done; return its recorded wall time."""
+        import torch
+
+        from zoo.pipelines.runner import run_stage
+
+        stage = run.recipe.stages[index]
+        key = run.keys[stage.name]
+        stage_dir = self.store / f"stage-{key}"
+        self._link(self.run_dir(run) / stage.name, stage_dir)
+        done = stage_dir / "done.json"
+        if done.is_file():
+            self.reused.append(key)
+            return json.loads(done.read_text())["wall_s"]
+        if key in self.failed:
+            raise RuntimeError(f"stage {stage.name!r} failed in an earlier run: {self.failed[key]}")
+        if bar is not None:
+            bar.set_postfix_str(f"{run.name}: {stage.name}")
+        t0 = time.perf_counter()
+        torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
+        try:
+            outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
+        except Exception as e:
+            self.failed[key] = f"{type(e).__name__}: {e}"
+            raise
+        wall = round(time.perf_counter() - t0, 2)  # after a kill: the resumed part only
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage.name, "key": key, "wall_s": wall, "run": run.name,
+                                   "outputs": {k: str(Path(v).relative_to(self.run_dir(run))) for k, v in outputs.items()},
+                                   "finished_at": time.time()}, indent=1))
+        os.replace(tmp, done)
+        self.executed.append(key)
+        return wall
+
+    def _measure(self, run: RunPlan, datasets) -> dict[str, dict]:
+        stage = run.measured
+        stage_dir = self.store / f"stage-{run.keys[stage.name]}"
+        spec_key = _hash(dataclasses.asdict(self.exp.eval))
+        cached = stage_dir / f"measure-{spec_key}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        out = {}
+        for branch in stage.stage().branches(stage):
+            path = self.run_dir(run) / branch.path / "model"
+            out[branch.output] = {"family": branch.family,
+                                  **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval)}
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, cached)
+        return out
+
+    def run(self, run: RunPlan, bar=None) -> RunResult:
+        result = RunResult(run.variant, run.seed)
+        try:
+            datasets, processor, tokenizer = self._data(run)
+            rd = self.run_dir(run)
+            rd.mkdir(parents=True, exist_ok=True)
+            self._link(rd / "tokenizer", tokenizer)
+            self._link(rd / "features", self.store / "features")
+            result.wall_s = round(sum(self._stage(run, i, datasets, processor, bar) for i in run.chain), 2)
+            result.outputs = self._measure(run, datasets)
+        except Exception as e:  # one failing run is reported; the others go on
+            result.error = f"{type(e).__name__}: {e}"
+            (self.run_dir(run)).mkdir(parents=True, exist_ok=True)
+            (self.run_dir(run) / "error.txt").write_text(traceback.format_exc())
+        return result
+
+
+def run_experiment(
+    exp: ExperimentConfig,
+    out_dir: str | os.PathLike,
+    *,
+    store: str | os.PathLike | None = None,
+    variants: list[str] | None = None,
+    seeds: list[int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Plan, run (reusing finished stages), measure and report an experiment.
+
+    Args:
+        exp: the experiment.
+        out_dir: its directory (`runs/`, `results.json`, `results.md`, `results.png`).
+        store: the stage store (default `out_dir/store`); experiments sharing one reuse each
+            other's stages.
+        variants: run only these variants.
+        seeds: run only these seeds.
+        progress: a progress bar over runs.
+
+    Returns:
+        The results dict written to `results.json`.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    store = Path(store) if store is not None else out_dir / "store"
+    runs = plan(exp, variants=variants, seeds=seeds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
+    runner = _Runner(exp, out_dir, store.resolve())
+    t0 = time.perf_counter()
+    results = []
+    bar = tqdm(runs, desc=f"experiment {exp.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    for run in bar:
+        results.append(runner.run(run, bar))
+    report = summarize(exp, results, runs)
+    report["executed_stages"] = len(runner.executed)
+    report["reused_stages"] = len(runner.reused)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_reports(exp, report, out_dir)
+    return report
+
+
+# --------------------------------------------------------------------------------------- reporting
+
+
+def _per_family(results: list[RunResult]) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
+    """variant -> family -> field ("task", "baseline", efficiency fields) -> seed -> value."""
+    table: dict = {}
+    for r in results:
+        if r.error:
+            continue
+        for out in r.outputs.values():
+            for family, score in out["families"].items():
+                row = table.setdefault(r.variant, {}).setdefault(family, {})
+                row.setdefault("task", {})[r.seed] = score["value"]
+                row.setdefault("baseline", {})[r.seed] = score["baseline"]
+                row.setdefault("_metric", score["metric"])
+                for name in EFFICIENCY:
+                    value = r.wall_s if name == "wall_s" else out.get(name)
+                    if value is not None:
+                        row.setdefault(name, {})[r.seed] = float(value)
+    return table
+
+
+def summarize(exp: ExperimentConfig, results: list[RunResult], runs: list[RunPlan]) -> dict[str, Any]:
+    """Means and intervals per variant and family, and each claim's paired difference and verdict."""
+    table = _per_family(results)
+    variants = {}
+    for v, families in table.items():
+        variants[v] = {}
+        for family, row in families.items():
+            entry = {"metric": row["_metric"]}
+            for name, by_seed in row.items():
+                if name == "_metric":
+                    continue
+                entry[name] = {"per_seed": {str(s): by_seed[s] for s in sorted(by_seed)},
+                               **t_interval([by_seed[s] for s in sorted(by_seed)], exp.level).to_dict()}
+            variants[v][family] = entry
+    claims = []
+    for c in exp.compare:
+        per_family = {}
+        for family in sorted(set(table.get(c.a, {})) & set(table.get(c.b, {}))):
+            field_name = c.metric
+            a, b = table[c.a][family].get(field_name), table[c.b][family].get(field_name)
+            if not a or not b or not set(a) & set(b):
+                continue
+            diff = paired_difference(a, b, exp.level)
+            per_family[family] = {**diff.to_dict(), "verdict": verdict(diff, c.expect, c.margin),
+                                  "metric": table[c.a][family]["_metric"] if c.metric == "task" else c.metric}
+        claims.append({**dataclasses.asdict(c), "families": per_family})
+    return {
+        "experiment": exp.name,
+        "description": exp.description,
+        "seeds": sorted({r.seed for r in runs}),
+        "level": exp.level,
+        "interval": "Student t over seeds (mean ± t_{(1+level)/2, n-1} s/sqrt(n)); claims: paired by seed",
+        "measured_stage": runs[0].measured.name if runs else None,
+        "factor": exp.factor,
+        "variants": variants,
+        "claims": claims,
+        "runs": [dataclasses.asdict(r) for r in results],
+        "failures": [{"variant": r.variant, "seed": r.seed, "error": r.error} for r in results if r.error],
+    }
+
+
+def _fmt_num(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if abs(value) >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.3g}"
+
+
+def _interval_of(entry: dict) -> Interval:
+    return Interval(entry["mean"], entry["low"] if entry["low"] is not None else math.nan,
+                    entry["high"] if entry["high"] is not None else math.nan, entry["n"],
+                    entry["std"] if entry["std"] is not None else math.nan, entry["level"])
+
+
+def results_markdown(exp: ExperimentConfig, report: dict) -> str:
+    """`results.md`: the table a person reads, the claims with their verdicts, the failures."""
+    pct = round(report["level"] * 100)
+    lines = [f"# Experiment `{exp.name}`", ""]
+    if exp.description:
+        lines += [exp.description.strip(), ""]
+    lines += [f"Seeds {report['seeds']}; measured stage `{report['measured_stage']}`; "
+              f"{pct}% intervals: Student t over seeds (n-1 degrees of freedom: with 3-5 seeds the spread "
+              "is itself uncertain, which a normal interval ignores); claims are paired by seed (variants of "
+              "one seed share their common stages). "
+              f"Stages run {report.get('executed_stages', '?')}, reused {report.get('reused_stages', '?')}; "
+              f"wall {report.get('wall_s', '?')} s.", ""]
+    if exp.factor:
+        lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in exp.factor)} (checked).", ""]
+    lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | active params | "
+              "FLOPs/token | trainable params | stored bytes | wall s (from scratch) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v, families in report["variants"].items():
+        for family, e in sorted(families.items()):
+            eff = [_fmt_num(e[n]["mean"]) if n in e else ("dense" if n == "experts_per_token" else "–") for n in EFFICIENCY]
+            lines.append(f"| {v} | {family} | {e['metric']} | {_interval_of(e['task']).format()} | "
+                         f"{e['baseline']['mean']:.3f} | " + " | ".join(eff) + " |")
+    if report["claims"]:
+        lines += ["", "## Claims", ""]
+    for c in report["claims"]:
+        head = f"**{c['a']} vs {c['b']}**" + (f" ({c['paper']})" if c["paper"] else "") + (f": {c['claim']}" if c["claim"] else "")
+        margin = f" by more than {c['margin']}" if c["expect"].startswith("not_") else ""
+        lines += [head, "", f"Expected: {c['a']} {c['expect'].replace('_', ' ')} than {c['b']}{margin} "
+                  f"({'task metric' if c['metric'] == 'task' else c['metric']}).", ""]
+        if not c["families"]:
+            lines += ["No family has results for both variants.", ""]
+            continue
+        lines += ["| family | metric | difference a − b | interval | verdict |", "| --- | --- | --- | --- | --- |"]
+        for family, d in c["families"].items():
+            interval = "–" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+            lines.append(f"| {family} | {d['metric']} | {d['mean']:+.3f} | {interval} | {d['verdict']} |")
+        lines.append("")
+    if report["failures"]:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {f['variant']} seed {f['seed']}: {f['error']}" for f in report["failures"]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(report: dict, path: Path) -> None:
+    """`results.png`: the task metric per variant (mean and interval over seeds), one panel per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({f for fams in report["variants"].values() for f in fams})
+    variants = list(report["variants"])
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(3.2 * max(len(families), 1), 3.2), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        xs, means, errs, metric = [], [], [], ""
+        for i, v in enumerate(variants):
+            e = report["variants"][v].get(family)
+            if e is None:
+                continue
+            metric = e["metric"]
+            xs.append(i)
+            means.append(e["task"]["mean"])
+            errs.append(0.0 if e["task"]["low"] is None else (e["task"]["high"] - e["task"]["low"]) / 2)
+            seeds = list(e["task"]["per_seed"].values())
+            ax.plot([i] * len(seeds), seeds, "k.", alpha=0.5, markersize=4)
+        ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=4)
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_title(f"{family} ({metric})")
+    fig.suptitle(f"{report['experiment']}: mean and {round(report['level'] * 100)}% t interval over seeds {report['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(exp: ExperimentConfig, report: dict, out_dir: Path) -> None:
+    """Write `results.json`, `results.md` and `results.png` into `out_dir`."""
+    out_dir = Path(out_dir)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "results.md").write_text(results_markdown(exp, report))
+    plot_results(report, out_dir / "results.png")
+
+
+__all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor",
+           "measure_output", "plan", "recipe_paths", "results_markdown", "routing_cost", "run_experiment",
+           "seeded_recipe_dict", "summarize", "write_reports"]
