@@ -9,8 +9,8 @@ Training, data builds, downloads, feature-cache fills and evaluation all report 
 * `quiet=False` forces the bar even when stderr is not a terminal (tests, a caller who knows).
 
 The CLIs' `--quiet` sets `ZOO_QUIET=1` for the command's duration (`quiet_while`), so the work
-they start, worker processes included, is quiet too. A disabled bar still iterates and counts: callers
-never branch on quietness.
+they start, worker processes included, is quiet too. A disabled bar still iterates and counts:
+callers never branch on quietness.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def progress(
         iterable: what to iterate; None for a bar advanced by `.update(n)` (e.g. bytes received).
         total: the expected count (default `len(iterable)` when it has one).
         desc: the bar's label (a stage, a task family, a file name).
-        unit: what is counted ("it", "sample", "batch", "B"; "B" scales to kB/MB).
+        unit: what is counted ("it", "sample", "batch", "B"; "B" counts bytes in KiB/MiB: "97.7k/256k").
         quiet: True: no bar; False: a bar even without a terminal; None: see `is_quiet`.
         **options: other `tqdm` arguments (`initial`, `leave`, `postfix`, ...).
 
