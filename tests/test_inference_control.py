@@ -232,6 +232,24 @@ def test_override_changes_routing_only_inside_the_block_and_only_where_named():
     assert all(torch.equal(a.output.indices, p.output.indices) for a, p in zip(again, plain))
 
 
+def test_nested_overrides_the_inner_block_wins_on_the_layers_it_names():
+    model = tiny_lm("topk", top_k=2)
+    ids = torch.randint(3, 97, (1, 6))
+    with override_routing(model, top_k=1), override_routing(model, disable={1: [0]}), \
+            capture_routing(model.lm) as records:
+        model(input_ids=ids)
+    by_layer = {r.layer: r.output.indices for r in records}
+    assert by_layer[0].shape[1] == 1, "layer 0: the outer top-1"
+    assert by_layer[1].shape[1] == 2 and (by_layer[1] != 0).all(), "layer 1: the inner setting replaces the outer"
+
+
+def test_a_router_left_with_fewer_experts_than_its_k_uses_all_that_are_left():
+    router = identity_router("topk", top_k=2)
+    x = torch.randn(5, E)
+    weights, indices = reroute(router, router(x).logits, RoutingOverride(disable=(0, 1, 2)))
+    assert indices.tolist() == [[3]] * 5 and weights.tolist() == [[1.0]] * 5
+
+
 def test_smoe_dropout_override_is_self_slimming_without_touching_active_k():
     model = tiny_lm("smoe_dropout")
     ids = torch.randint(3, 97, (1, 6))

@@ -33,7 +33,7 @@ What each option means (for every router in `zoo.moe.ROUTERS`):
   router's own rule (its probability, renormalized where the router renormalizes), not boosted.
 
 Without `top_k` / `rank` each router keeps its own count rule (its k, p, capacity, entropy switch),
-applied to the masked logits. The output's `logits` stay the router's (aux losses and routing
+applied to the masked logits; a router left with fewer experts than its own k uses all that are left. The output's `logits` stay the router's (aux losses and routing
 stats see the real scores); `weights` and `indices` are the override's.
 
 Each value is one setting for every MoE layer in `model`, or a mapping from a layer to its setting:
