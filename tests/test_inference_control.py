@@ -437,6 +437,7 @@ def test_mote_ranks_the_planted_expert_first_and_switching_it_off_changes_only_t
     a, b = prompts(KIND_A), prompts(KIND_B, seed=1)
     rates, n = selection_rates(model, a)
     assert n == 4 * 6 - 2 and rates[0][PLANTED] == 1.0, "premise: every kind-A token chooses the planted expert"
+    assert math.isclose(float(rates[0].sum()), 2.0), "top-2: the rates of a layer add up to k"
     assert selection_rates(model, b)[0][0][PLANTED] == 0.0, "premise: no kind-B token does"
     attribution = attribute_experts(model, a, b)
     assert attribution.ranking(0)[0] == PLANTED
@@ -468,3 +469,16 @@ def test_attribution_top_per_layer_and_over_all_layers_by_hand():
         attribution.top(0)
     with pytest.raises(ValueError, match=r"no layer 1; layers are \[0, 2\]"):
         attribution.ranking(1)
+
+
+@pytest.mark.slow
+def test_selection_rates_on_a_multimodal_model_count_the_spliced_real_tokens_of_its_lm():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.load(CONFIGS / "tiny-vit-llama-moe.yaml")).eval()
+    randomize(model)
+    batch = {"input_ids": torch.tensor([[10, 3, 11, 12], [3, 50, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+             "images": torch.randn(2, 3, 32, 32)}
+    rates, n = selection_rates(model, [batch], within=model.language_model)
+    spliced = model(**batch).attention_mask
+    assert n == int(spliced.sum()) and sorted(rates) == [0]  # every other layer: layer 0 of 2
+    assert math.isclose(float(rates[0].sum()), 2.0, rel_tol=1e-6)
