@@ -322,7 +322,7 @@ def test_export_hf_loads_in_plain_transformers(built, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", "micro-moe", "--format", "llava", "--out", str(tmp_path / "llava")]) == 1
     err = capsys.readouterr().err
-    assert "LlavaForConditionalGeneration" in err and "timm tower" in err and "--format hf" in err
+    assert "LlavaForConditionalGeneration" in err and "encoders.audio: a whisper audio encoder" in err and "--format hf" in err
     assert not (tmp_path / "llava").exists()
 
 

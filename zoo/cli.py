@@ -2,7 +2,7 @@
 
     zoo list [PATTERN] [--task-family F] [--all-versions]
     zoo load NAME[@VERSION] [--version V] [--device D] [--dtype T]
-    zoo export NAME[@VERSION]|CHECKPOINT_DIR --format hf --out DIR [--overwrite]
+    zoo export NAME[@VERSION]|CHECKPOINT_DIR --format hf|llava --out DIR [--overwrite]
     zoo publish DIR --repo org/name [--revision R] [--private] [--message M] [--dry-run]
     zoo quantize NAME[@VERSION]|CHECKPOINT_DIR --bits 8|4 [--group-size G | --adaptive] --out DIR [--overwrite]
 
@@ -167,9 +167,10 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     s = sub.add_parser("export", help="write a model as transformers-native files")
     s.add_argument("name", help="NAME, NAME@VERSION, or a checkpoint directory")
     s.add_argument("--version", help="exact version or range")
-    s.add_argument("--format", required=True, choices=(*FORMATS, "llava"),
+    s.add_argument("--format", required=True, choices=FORMATS,
                    help="hf: the LM as MixtralForCausalLM/Qwen2MoeForCausalLM (or its dense class) + encoder and "
-                        "connector safetensors; llava: explains why our timm/open_clip towers cannot be LLaVA")
+                        "connector safetensors; llava: one LlavaForConditionalGeneration + LlavaProcessor directory "
+                        "(or the parts LLaVA cannot hold, named)")
     s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)

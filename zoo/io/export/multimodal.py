@@ -12,9 +12,10 @@ from torch import nn
 
 from zoo.io.checkpoint import atomic_directory_write, write_manifest
 from zoo.io.export.hf import ExportError, check_parity, to_hf
+from zoo.io.export.llava import export_llava, llava_blocker
 from zoo.models.lm import MoECausalLM
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "llava")
 
 _EXPORT_README = """\
 # {name}: Hugging Face export of a moe-zoo multimodal model
@@ -32,7 +33,7 @@ connector (`-> [n, M, d_model]`); the connector's output rows replace the placeh
 (`<image>` id {image_id}, `<audio>` id {audio_id}) in the LM's input embeddings (one placeholder
 per medium, expanded to M positions), and the LM runs on the result.
 
-Why not `LlavaForConditionalGeneration`: {llava_reason}
+LLaVA-native export (`--format llava`): {llava_reason}
 
 Rebuild the whole model with moe-zoo: `zoo.build_model(zoo.ModelConfig.from_dict(cfg["model"]))`,
 then load `encoders/*.safetensors` into `model.encoders[m]`, `connectors/*.safetensors` into
@@ -40,22 +41,11 @@ then load `encoders/*.safetensors` into `model.encoders[m]`, `connectors/*.safet
 """
 
 
-def llava_blocker(model_config: Any) -> str | None:
-    """Why the model cannot be a transformers `LlavaForConditionalGeneration` (None if it could).
-
-    LLaVA needs exactly one image encoder that transformers builds itself (a CLIP / SigLIP vision
-    model), a linear-GELU-linear projector, and no other media. The zoo's image towers come from
-    timm or open_clip, which transformers cannot represent.
-    """
-    encoders = dict(getattr(model_config, "encoders", {}) or {})
-    image = encoders.get("image")
-    if image is None:
-        return "the model has no image encoder"
-    reasons = [f"its image encoder is a {image.kind} tower ({image.name or 'custom'}), which transformers cannot represent "
-               "(LLaVA's vision_tower must be a transformers CLIP/SigLIP vision model)"]
-    if set(encoders) - {"image"}:
-        reasons.append(f"it also has {sorted(set(encoders) - {'image'})} encoder(s), which LLaVA has no place for")
-    return "; ".join(reasons)
+def _llava_reason(model: nn.Module, model_config: Any) -> str:
+    reason = llava_blocker(model, model_config)
+    if reason is None:
+        return "this model can be a `LlavaForConditionalGeneration`; `zoo export ... --format llava` writes it."
+    return f"`LlavaForConditionalGeneration` cannot represent this model: {reason}."
 
 
 def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +77,8 @@ def export_multimodal(
         processor: its `zoo.processor.MultimodalProcessor`.
         model_config: its `zoo.models.ModelConfig`.
         directory: output path; must not exist unless `overwrite`.
-        format: "hf" (the only one); "llava" is refused with the reason.
+        format: "hf", or "llava" (`zoo.io.export.llava.export_llava`: a `LlavaForConditionalGeneration`
+            directory, or an `ExportError` naming every part LLaVA cannot hold).
         name: the model's name for the README (default: the config's).
         card_text: the model card to copy in as `MODEL_CARD.md`.
         verify: check the exported MoE LM's logits against the zoo LM.
@@ -104,15 +95,13 @@ def export_multimodal(
     import zoo
     from zoo.models.config import ModelConfig
 
-    if format == "llava":
-        raise ExportError(
-            f"cannot export as LlavaForConditionalGeneration: {llava_blocker(model_config)}. "
-            "Use --format hf: the LM in transformers format plus the encoder and connector weights in safetensors files"
-        )
     if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}; supported: {FORMATS} (llava is explained by --format llava)")
+        raise ExportError(f"unknown export format {format!r}; supported: {FORMATS}")
     if not isinstance(model_config, ModelConfig):
         raise ExportError(f"model_config must be a zoo.models.ModelConfig, got {type(model_config).__name__}")
+    if format == "llava":
+        return export_llava(model, processor, model_config, directory, name=name, card_text=card_text, verify=verify,
+                            overwrite=overwrite)
     lm = model.language_model
     is_moe = isinstance(lm, MoECausalLM)
     hf_lm = to_hf(lm) if is_moe else lm
@@ -165,7 +154,7 @@ def export_multimodal(
             if card_text is not None else "",
             image_id=ids.get("image", model_config.image_token_id),
             audio_id=ids.get("audio", model_config.audio_token_id),
-            llava_reason=llava_blocker(model_config) or "not attempted by this exporter",
+            llava_reason=_llava_reason(model, model_config),
         )
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         write_manifest(tmp)
@@ -173,4 +162,4 @@ def export_multimodal(
     return atomic_directory_write(directory, write, overwrite=overwrite)
 
 
-__all__ = ["FORMATS", "export_multimodal", "llava_blocker"]
+__all__ = ["FORMATS", "export_multimodal"]
