@@ -243,3 +243,18 @@ def test_bad_input_names_the_cause():
         quantize_experts(torch.nn.Linear(4, 4), bits=8)
     with pytest.raises(ValueError, match=r"quantization: QuantizationConfig: unknown config key\(s\) \['group'\]"):
         ModelConfig.from_dict({"quantization": {"bits": 4, "group": 32}})
+
+
+def test_build_model_builds_the_quantized_model_a_config_describes():
+    lm = {"model_type": "llama", "config": {"vocab_size": 97, "hidden_size": D, "intermediate_size": 64,
+                                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}}
+    moe = {"num_experts": E, "router": "topk", "router_options": {"top_k": 2}, "layers": [1]}
+    torch.manual_seed(3)
+    float_model = build_model(ModelConfig.from_dict({"lm": lm, "moe": moe}))
+    torch.manual_seed(3)
+    model = build_model(ModelConfig.from_dict({"lm": lm, "moe": moe, "quantization": {"bits": 4, "group_size": 16}}))
+    (path, experts), = [(p, m) for p, m in model.named_modules() if isinstance(m, QuantizedExperts)]
+    assert path == "language_model.lm.model.layers.1.mlp.moe.experts" and experts.group_sizes == (16, 16)
+    resolved = quantize_experts(float_model, bits=4, group_size=16)  # same seed: the same codes
+    assert resolved.group_sizes == {path: [16, 16]}
+    assert all(torch.equal(v, float_model.state_dict()[k]) for k, v in model.state_dict().items())
