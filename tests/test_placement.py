@@ -371,7 +371,26 @@ def test_bad_input_is_refused_naming_the_cause():
     moe = build_sparse_moe(MoEConfig(num_experts=E, router="topk"), 16, 12)
     with pytest.raises(ValueError, match=r"a permutation of the 4 experts 0..3 is needed, got \[0, 0, 1, 2\]"):
         permute_moe(moe, [0, 0, 1, 2])
+    shard = build_sparse_moe(MoEConfig(num_experts=E, router="topk"), 16, 12)
+    shard.experts.gate_up_proj = torch.nn.Parameter(shard.experts.gate_up_proj[:2].detach().clone())  # E / P rows
+    with pytest.raises(ValueError, match=r"experts SwiGLUExperts hold gate_up_proj of shape \(2, 24, 16\), not stacked "
+                                         r"over its num_experts=4 \(a shard of expert parallelism\?\)"):
+        permute_moe(shard, [1, 0, 3, 2])
     with pytest.raises(ValueError, match=r"layer\(s\) \[5\] are not MoE layers \(MoE layers: \[0, 1, 2\]\)"):
         permute_experts(_lm(), {5: [0, 1, 2, 3]})
     with pytest.raises(ValueError, match="time_limit=0 must be a number of seconds > 0"):
         ilp_placement(trace, 2, time_limit=0)
+
+
+def test_a_trace_of_kv_cached_generation_joins_the_prefill_and_every_step():
+    from zoo.inference.placement import trace_from_records
+    from zoo.moe import capture_routing
+
+    model = _lm()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    with capture_routing(model.lm) as records:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    trace = trace_from_records(records)
+    assert trace.layers == (0, 1, 2) and trace.num_tokens == 2 * 5 + 2 * 2  # prefill + two one-token steps
+    prefill = routing_trace(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert all(torch.equal(a[:10], b) for a, b in zip(trace.indices, prefill.indices))

@@ -172,9 +172,10 @@ def trace_from_records(records: Sequence, mask: torch.Tensor | None = None) -> R
         raise ValueError("trace_from_records: no routing records (did the forward call run any MoE layer?)")
     traces = []
     for call in calls:
+        tokens = call[0].output.indices.shape[0]
         m = call[0].context.get("mask")
-        if m is None and mask is not None and mask.numel() == call[0].output.indices.shape[0]:
-            m = mask
+        if m is None or m.numel() != tokens:
+            m = mask if mask is not None and mask.numel() == tokens else None
         keep = None if m is None else m.reshape(-1).bool().cpu()
         idx = [r.output.indices.detach().cpu() for r in call]
         sizes = {r.layer: i.shape[0] for r, i in zip(call, idx)}

@@ -56,33 +56,39 @@ def _dense_weights(weights: torch.Tensor, indices: torch.Tensor, num_experts: in
     return dense.scatter_add_(1, slots, weights.double())[:, :num_experts]
 
 
-def _permute_router(router: nn.Module, perm: torch.Tensor, num_experts: int, where: str) -> None:
+def _router_rows(router: nn.Module, perm: torch.Tensor, num_experts: int, where: str) -> list[torch.Tensor]:
+    """The router tensors whose first E rows are its experts; raises naming one that is not."""
     name = type(router).__name__
-    for owner, key, t, persistent in list(_tensors(router)):
+    rows = []
+    for _, key, t, persistent in _tensors(router):
         if t.dim() == 0:
             continue
         if t.shape[0] < num_experts:
             raise ValueError(f"{where}: router {name} holds {key} of shape {tuple(t.shape)}, whose rows are not "
                              f"its {num_experts} experts; it cannot be permuted")
-        moved = torch.cat([t[perm.to(t.device)], t[num_experts:]])
-        if not persistent and not torch.equal(moved, t):
+        if not persistent and not torch.equal(t[:num_experts][perm.to(t.device)], t[:num_experts]):
             raise ValueError(f"{where}: router {name}'s buffer {key} is rebuilt from its options on load, not saved, "
-                             f"and this permutation changes it ({t.tolist()} -> {moved.tolist()}); permute experts "
-                             "only within what it groups")
-        with torch.no_grad():
-            t.copy_(moved)
+                             f"and this permutation changes it ({t.tolist()} -> "
+                             f"{t[:num_experts][perm.to(t.device)].tolist()}); permute experts only within what it groups")
+        rows.append(t)
+    return rows
 
 
-def _permute_experts_module(experts: nn.Module, perm: torch.Tensor, num_experts: int, where: str) -> None:
+def _expert_rows(experts: nn.Module, num_experts: int, where: str) -> list[torch.Tensor]:
+    """The experts module's own stacked `[E, ...]` tensors; raises naming one that is not stacked."""
     name = type(experts).__name__
     own = [(k, t) for k, t in [*experts._parameters.items(), *experts._buffers.items()] if t is not None]
     for key, t in own:
         if t.dim() == 0 or t.shape[0] != num_experts:
             raise ValueError(f"{where}: experts {name} hold {key} of shape {tuple(t.shape)}, not stacked over its "
                              f"num_experts={num_experts} (a shard of expert parallelism?); it cannot be permuted")
-    with torch.no_grad():
-        for _, t in own:
-            t.copy_(t[perm.to(t.device)])
+    return [t for _, t in own]
+
+
+def _reorder(tensors: list[torch.Tensor], perm: torch.Tensor, num_experts: int) -> None:
+    """In place: rows `[:E]` of each tensor reordered by `perm` (rows past E stay)."""
+    for t in tensors:
+        t[:num_experts] = t[:num_experts][perm.to(t.device)]
 
 
 @torch.no_grad()
@@ -95,9 +101,10 @@ def permute_moe(moe: nn.Module, perm: torch.Tensor | Sequence[int], *, where: st
         where: prefix of error messages (the layer's name).
 
     Raises:
-        ValueError: `perm` is not a permutation of the layer's experts, or the layer's router or
-            experts do not follow the stacked-rows rule (checked on a probe batch; the layer is
-            restored first), or the permutation changes a buffer that checkpoints do not save.
+        ValueError: `perm` is not a permutation of the layer's experts, a router or experts tensor
+            has fewer rows than experts (a shard), the permutation changes a buffer that
+            checkpoints do not save, or the reordered layer routes or computes differently on a
+            probe batch (then it is put back as it was). Shapes are checked before anything runs.
     """
     experts, router = moe.experts, moe.router
     if getattr(moe, "expert_map", None) is not None:
@@ -107,32 +114,32 @@ def permute_moe(moe: nn.Module, perm: torch.Tensor | Sequence[int], *, where: st
     if router.num_experts != num_experts:
         raise ValueError(f"{where}: router scores {router.num_experts} experts but the layer has {num_experts}")
     perm = _as_perm(perm, num_experts, where)
+    rows = _router_rows(router, perm, num_experts, where) + _expert_rows(experts, num_experts, where)
     ref = next(experts.parameters())
     dtype = ref.dtype
     probe = torch.randn(PROBE_TOKENS, router.hidden_size, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device=ref.device, dtype=dtype)
-    saved = {id(t): t.clone() for _, _, t, _ in _tensors(moe)}
     was_training = moe.training
     moe.eval()
     try:
         y0, r0 = moe(probe)
-        _permute_router(router, perm, num_experts, where)
-        _permute_experts_module(experts, perm, num_experts, where)
-        y1, r1 = moe(probe)
-        w0 = _dense_weights(r0.weights, r0.indices, num_experts)
-        w1 = _dense_weights(r1.weights, r1.indices, num_experts)
-        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-        same_routing = torch.allclose(w1, w0[:, perm.to(w0.device)], rtol=tol, atol=tol)
-        same_output = torch.allclose(y1.double(), y0.double(), rtol=tol, atol=tol * float(y0.abs().max().clamp_min(1)))
-        if not (same_routing and same_output):
-            what = "routing" if not same_routing else "output"
-            raise ValueError(f"{where}: permuting router {type(router).__name__} and experts {type(experts).__name__} "
-                             f"row by row changed the layer's {what} on a probe batch: their tensors are not one row "
-                             "per expert; this layer cannot be permuted")
-    except Exception:
-        for _, _, t, _ in _tensors(moe):
-            t.copy_(saved[id(t)])
-        raise
+        _reorder(rows, perm, num_experts)
+        try:
+            y1, r1 = moe(probe)
+            w0 = _dense_weights(r0.weights, r0.indices, num_experts)
+            w1 = _dense_weights(r1.weights, r1.indices, num_experts)
+            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+            same_routing = torch.allclose(w1, w0[:, perm.to(w0.device)], rtol=tol, atol=tol)
+            scale = float(y0.abs().max().clamp_min(1))
+            same_output = torch.allclose(y1.double(), y0.double(), rtol=tol, atol=tol * scale)
+            if not (same_routing and same_output):
+                what = "routing" if not same_routing else "output"
+                raise ValueError(f"{where}: permuting router {type(router).__name__} and experts "
+                                 f"{type(experts).__name__} row by row changed the layer's {what} on a probe batch: "
+                                 "their tensors are not one row per expert; this layer cannot be permuted")
+        except Exception:
+            _reorder(rows, torch.argsort(perm), num_experts)  # indexing is exact: the layer is as it was
+            raise
     finally:
         moe.train(was_training)
 
