@@ -28,6 +28,7 @@ paper's best for Mixtral); EOS is not masked (the authors' code optionally forbi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -123,7 +124,8 @@ class SCMoELogitsProcessor(LogitsProcessor):
             feed = {"input_ids": input_ids[:, -1:]}
             mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
             position = self._position[:, -1:] + 1
-        with apply_overrides(self.plan), routing_context(self.lm, mask=mask):
+        prefill = routing_context(self.lm, mask=mask) if self._cache is None else contextlib.nullcontext()
+        with apply_overrides(self.plan), prefill:  # decode steps match no context mask (as in generate)
             out = self.lm(**feed, attention_mask=mask, position_ids=position, past_key_values=self._cache, use_cache=True)
         self._cache, self._mask, self._position, self._seen = out.past_key_values, mask, position, n
         return out.logits[:, -1, :]
