@@ -48,6 +48,10 @@ CASES = {
     "vit-block1-cls-qwen2moe": lambda: _config(
         "b", {"image": {**_VIT, "feature_layer": 1, "select": "all"}}, {"image": _MLP}, model_type="qwen2",
         moe={**_MOE, "layers": [1], "shared_expert_size": 16, "router_options": {"top_k": 2, "norm_topk_prob": False}}),
+    # timm ViT with a pre-norm and QuickGELU (timm's CLIP ViTs), last block's output -> CLIPVisionModel.
+    "vit-prenorm-quickgelu-last": lambda: _config(
+        "d", {"image": {**_VIT, "feature_layer": -1,
+                        "options": {**_VIT["options"], "pre_norm": True, "act_layer": "quick_gelu"}}}, {"image": _MLP}),
     # open_clip tower (OpenAI CLIP layout), penultimate block, CLS dropped; dense Llama with tied embeddings.
     "clip-penultimate-dense-tied": lambda: _config(
         "c", {"image": {**_CLIP, "feature_layer": -2}}, {"image": _MLP}, tie_word_embeddings=True),
@@ -55,6 +59,7 @@ CASES = {
 EXPECTED = {  # (vision tower class, language model class, vision_feature_layer, strategy, image tokens)
     "vit-final-mixtral": ("ViTModel", "MixtralModel", -1, "default", 16),
     "vit-block1-cls-qwen2moe": ("ViTModel", "Qwen2MoeModel", -2, "full", 17),
+    "vit-prenorm-quickgelu-last": ("CLIPVisionModel", "LlamaModel", -1, "default", 16),
     "clip-penultimate-dense-tied": ("CLIPVisionModel", "LlamaModel", -2, "default", 16),
 }
 
@@ -140,7 +145,9 @@ def test_llava_loads_without_zoo_with_our_logits_and_input_ids(exported, tmp_pat
             save_file({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                        "pixel_values": inputs["pixel_values"], "logits": logits.contiguous()},
                       job["tmp"] + f"/{name}.llava.safetensors")
-            meta[name] = {"tower": type(model.model.vision_tower).__name__,
+            one = processor(text=job["prompts"][:1], images=images[:1], return_tensors="pt")
+            generated = model.generate(**one, max_new_tokens=6, do_sample=False)[0, one["input_ids"].shape[1]:]
+            meta[name] = {"generated": generated.tolist(), "tower": type(model.model.vision_tower).__name__,
                           "lm": type(model.model.language_model).__name__,
                           "processor": type(processor).__name__, "image_processor": type(processor.image_processor).__name__,
                           "chat": processor.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)}
@@ -179,6 +186,11 @@ def test_llava_loads_without_zoo_with_our_logits_and_input_ids(exported, tmp_pat
         std = torch.tensor(exported[name][1].image_processor.std)[:, None, None]
         assert ((got["pixel_values"][1] - batch["images"][1]) * std).abs().max() < 10 / 255
         assert meta[name]["chat"] == _prompts(exported[name][1])[0]
+        # Greedy generation (KV cache through the exported LM) writes our tokens.
+        model, processor, _ = exported[name]
+        one = processor(text=_prompts(processor)[:1], images=[Image.fromarray(pictures[0])])
+        assert len(meta[name]["generated"]) == 6, meta[name]["generated"]  # no early end of sequence
+        assert meta[name]["generated"] == model.generate(**one, max_new_tokens=6, do_sample=False)[0].tolist(), name
 
 
 @pytest.mark.slow
@@ -229,9 +241,12 @@ REFUSED = {
                         [r"encoders\.audio: a whisper audio encoder"]),
     "cnn-tower": (lambda: _config("e", {"image": {"kind": "timm", "name": "test_efficientnet", "image_size": 32,
                                                   "feature_layer": -1}}, {"image": _MLP}),
-                  [r"test_efficientnet\): EfficientNet is not a VisionTransformer", r"TimmWrapperModel .* \[B, D, h, w\]"]),
+                  [r"test_efficientnet\): EfficientNet is not a VisionTransformer, so neither ViTModel nor CLIPVisionModel",
+                   r"TimmWrapperModel .* \[B, D, h, w\]"]),
     "pre-norm-vit": (lambda: _config("p", {"image": {**_VIT, "options": {**_VIT["options"], "pre_norm": True}}}, {"image": _MLP}),
-                     [r"pre_norm \(a norm_pre LayerNorm\); ViTModel has no pre-norm"]),
+                     [r"pre_norm \(a norm_pre LayerNorm\); ViTModel has no pre-norm",
+                      r"feature_layer None takes the features after timm's final norm, which CLIPVisionModel applies "
+                      r"to the pooled class token only"]),
     "one-linear-connector": (lambda: _config("l", {"image": _VIT}, {"image": {"kind": "mlp", "options": {"depth": 1}}}),
                              [r"connectors\.image: an mlp of depth 1"]),
     "moe-projector": (lambda: _config("pp", {"image": _VIT}, {"image": {"kind": "moe_projector", "options": {"num_heads": 2}}}),
@@ -255,7 +270,7 @@ def test_refuses_what_llava_cannot_hold_naming_the_part(name, tokenizer, tmp_pat
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.yaml"))
 WHISPER = "encoders.audio: a whisper audio encoder with a resampler connector"
-CNN = "(timm efficientnet_lite0): EfficientNet is not a VisionTransformer, so ViTModel cannot hold it; transformers' TimmWrapperModel"
+CNN = "(timm efficientnet_lite0): EfficientNet is not a VisionTransformer, so neither ViTModel nor CLIPVisionModel can hold it"
 SHIPPED_OUTCOME = {  # config -> the start of each refusal reason ([] = exports); a new config needs an entry
     "micro-zoo": [WHISPER],
     "moe-llava-qwen-1.8b-4e": [],

@@ -12,9 +12,11 @@ replacing the `<image>` tokens). The parts:
   biases) is exactly LLaVA's `linear_1` / `act` / `linear_2` (`projector_hidden_act="gelu"`,
   `multimodal_projector_bias=True`).
 - `vision_tower`: one adapter per transformers vision class (`VISION_TOWERS`): a timm
-  `VisionTransformer` becomes a `ViTModel` (the layout transformers' own timm -> ViT conversion
-  maps; no pre-norm, one class token), an open_clip tower a `CLIPVisionModel` (the layout of
-  OpenAI CLIP: pre-norm, class embedding). Our feature choice maps onto LLaVA's options:
+  `VisionTransformer` without a pre-norm becomes a `ViTModel` (the layout transformers' own timm
+  -> ViT conversion maps: one class token, no pre-norm), one with a pre-norm (timm's CLIP ViTs) a
+  `CLIPVisionModel`, and an open_clip tower a `CLIPVisionModel` (the layout of OpenAI CLIP:
+  pre-norm, class embedding). The first adapter that holds the tower is used (`choose_tower`).
+  Our feature choice maps onto LLaVA's options:
   block j's output is `hidden_states[j + 1]`, so `feature_layer` k gives `vision_feature_layer =
   (k mod L) - L`; timm's final features (`feature_layer: None`, after the last norm) are
   `hidden_states[-1]` with `tie_last_hidden_states=True` in the ViT config; `select: patch` (CLS
@@ -24,8 +26,8 @@ Why not transformers' `TimmWrapperModel` for timm towers: LLaVA reads `hidden_st
 [vision_feature_layer]` as `[B, N, D]` tokens, but `TimmWrapperModel` returns timm's
 `forward_intermediates` outputs, which are `[B, D, h, w]` maps without the prefix tokens, so
 LLaVA's projector multiplies the wrong axis (measured: "mat1 and mat2 shapes cannot be
-multiplied (128x4 and 32x32)" for a 32-wide ViT on 32x32 images). Towers neither class holds (a
-CNN, a ViT with a pre-norm, register tokens or layer scale, a MoE tower), connectors other than
+multiplied (128x4 and 32x32)" for a 32-wide ViT on 32x32 images). Towers no class holds (a CNN,
+a ViT with register tokens or layer scale, a pre-norm ViT's final-norm features, a MoE tower), connectors other than
 the depth-2 MLP (the Q-Former resampler, the MoE projector) and any second modality (Whisper +
 resampler) are refused with every reason, each naming the part.
 
@@ -64,11 +66,11 @@ TIMM_WRAPPER_REASON = (
 )
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor:
-    """A linear layer's bias, or zeros (the transformers class always has one)."""
-    if linear.bias is not None:
-        return linear.bias.detach()
-    return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """A linear or conv layer's bias, or zeros (the transformers class always has one)."""
+    if layer.bias is not None:
+        return layer.bias.detach()
+    return layer.weight.new_zeros(layer.weight.shape[0])
 
 
 def _gelu_name(act: nn.Module) -> str | None:
@@ -102,62 +104,92 @@ def _selection(layer: int, num_layers: int, select: str) -> tuple[int, str]:
     return layer % num_layers - num_layers, "full" if select == "all" else "default"
 
 
+def _timm_vit_reasons(encoder: nn.Module, hf_class: str) -> list[str]:
+    """Why a timm encoder is not a ViT `hf_class` can hold, apart from the pre-norm (which decides the class).
+
+    Checked: a `VisionTransformer` with exactly one class token, learned positions over CLS +
+    patches, a plain stride-patch conv, plain pre-LN `Block`s (no layer scale, no q/k norm, the
+    usual scale), `Mlp`s with GELU / tanh-GELU / QuickGELU, affine LayerNorms of one eps.
+    """
+    from timm.layers import Attention, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    where = f"encoders.image (timm {getattr(encoder, 'model_name', '?')})"
+    vit = getattr(encoder, "model", None)
+    if type(vit) is not VisionTransformer:
+        return [f"{where}: {type(vit).__name__} is not a VisionTransformer, so neither ViTModel nor CLIPVisionModel "
+                "can hold it; " + TIMM_WRAPPER_REASON]
+    out: list[str] = []
+    if vit.cls_token is None or vit.num_prefix_tokens != 1:
+        out.append(f"{where}: {vit.num_prefix_tokens} prefix tokens (class/register); {hf_class} has exactly one class token")
+    if getattr(vit, "no_embed_class", False) or vit.pos_embed is None:
+        out.append(f"{where}: position embeddings do not cover the class token (no_embed_class / none), as {hf_class}'s do")
+    if getattr(vit, "dynamic_img_size", False):
+        out.append(f"{where}: dynamic_img_size; {hf_class} takes one image size")
+    pe = vit.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or getattr(pe, "dynamic_img_pad", False) \
+            or pe.proj.kernel_size != pe.proj.stride or pe.proj.padding != (0, 0):
+        out.append(f"{where}: its patch embedding is not a plain stride-patch Conv2d")
+    norms = [vit.norm] + ([] if isinstance(vit.norm_pre, nn.Identity) else [vit.norm_pre])
+    for i, blk in enumerate(vit.blocks):
+        if type(blk) is not Block:
+            out.append(f"{where}: block {i} is a {type(blk).__name__}, not a plain pre-LN Block")
+            continue
+        norms += [blk.norm1, blk.norm2]
+        if not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
+            out.append(f"{where}: block {i} has layer scale (init_values); {hf_class} has none")
+        attn = blk.attn
+        if type(attn) is not Attention or not all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity)
+                                                   for n in ("q_norm", "k_norm", "norm")):
+            out.append(f"{where}: block {i} attention has q/k norms or a scale norm ({type(attn).__name__})")
+        elif not math.isclose(attn.scale, attn.head_dim ** -0.5):
+            out.append(f"{where}: block {i} attention scale {attn.scale} is not head_dim**-0.5")
+        mlp = blk.mlp
+        if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity) or _gelu_name(mlp.act) is None:
+            out.append(f"{where}: block {i} MLP is a {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}; "
+                       f"{hf_class}'s is fc1 -> GELU -> fc2")
+    _layer_norm_eps(norms, where, out)
+    if len({blk.mlp.fc1.out_features for blk in vit.blocks if type(blk) is Block}) > 1:
+        out.append(f"{where}: blocks differ in MLP width")
+    return out
+
+
+def _timm_blocks(vit: nn.Module, p: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A timm ViT's blocks under transformers keys: `p` formats the layer prefix, `names` maps our parts to theirs."""
+    s = {}
+    for i, blk in enumerate(vit.blocks):
+        at = p.format(i)
+        q, k, v = blk.attn.qkv.weight.chunk(3)  # timm's fused qkv rows are [q; k; v]
+        qb, kb, vb = _bias(blk.attn.qkv).chunk(3)
+        parts = {"q": (q, qb), "k": (k, kb), "v": (v, vb), "o": (blk.attn.proj.weight, _bias(blk.attn.proj)),
+                 "norm1": (blk.norm1.weight, blk.norm1.bias), "norm2": (blk.norm2.weight, blk.norm2.bias),
+                 "fc1": (blk.mlp.fc1.weight, _bias(blk.mlp.fc1)), "fc2": (blk.mlp.fc2.weight, _bias(blk.mlp.fc2))}
+        for part, (w, b) in parts.items():
+            s[f"{at}{names[part]}.weight"] = w
+            s[f"{at}{names[part]}.bias"] = b
+    return s
+
+
 @VISION_TOWERS.register("vit")
 class TimmViT:
-    """A timm `VisionTransformer` as a transformers `ViTModel` (Dosovitskiy et al. 2021).
+    """A timm `VisionTransformer` without a pre-norm as a transformers `ViTModel` (Dosovitskiy et al. 2021).
 
     Holds: patch conv (+bias), one class token, learned position embeddings over CLS + patches,
-    pre-LN blocks (fused qkv split into q/k/v, exact or tanh GELU MLP), the final LayerNorm.
-    ViTModel has no pre-norm, no register tokens, no layer scale and no q/k norm: a tower with any
-    of those is refused. The pooler (unused by LLaVA) is written as zeros.
+    pre-LN blocks (fused qkv split into q/k/v, GELU MLP), the final LayerNorm (timm's final
+    features are `hidden_states[-1]` through `tie_last_hidden_states`). ViTModel has no pre-norm
+    (`CLIPVisionModel` takes those towers), no register tokens, no layer scale and no q/k norm.
+    The pooler (unused by LLaVA) is written as zeros.
     """
 
     hf_class = "ViTModel"
     encoder_kind = "timm"
 
     def reasons(self, encoder: nn.Module) -> list[str]:
-        from timm.layers import Attention, Mlp, PatchEmbed
-        from timm.models.vision_transformer import Block, VisionTransformer
-
-        where = f"encoders.image (timm {getattr(encoder, 'model_name', '?')})"
-        vit = getattr(encoder, "model", None)
-        if type(vit) is not VisionTransformer:
-            return [f"{where}: {type(vit).__name__} is not a VisionTransformer, so ViTModel cannot hold it; "
-                    + TIMM_WRAPPER_REASON]
-        out: list[str] = []
-        if vit.cls_token is None or vit.num_prefix_tokens != 1:
-            out.append(f"{where}: {vit.num_prefix_tokens} prefix tokens (class/register); ViTModel has exactly one class token")
-        if getattr(vit, "no_embed_class", False) or vit.pos_embed is None:
-            out.append(f"{where}: position embeddings do not cover the class token (no_embed_class / none), as ViTModel's do")
-        if not isinstance(vit.norm_pre, nn.Identity):
-            out.append(f"{where}: pre_norm (a norm_pre {type(vit.norm_pre).__name__}); ViTModel has no pre-norm")
-        if getattr(vit, "dynamic_img_size", False):
-            out.append(f"{where}: dynamic_img_size; ViTModel takes one image size")
-        pe = vit.patch_embed
-        if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or getattr(pe, "dynamic_img_pad", False) \
-                or pe.proj.kernel_size != pe.proj.stride or pe.proj.padding != (0, 0):
-            out.append(f"{where}: its patch embedding is not a plain stride-patch Conv2d")
-        norms = [vit.norm]
-        for i, blk in enumerate(vit.blocks):
-            if type(blk) is not Block:
-                out.append(f"{where}: block {i} is a {type(blk).__name__}, not a plain pre-LN Block")
-                continue
-            norms += [blk.norm1, blk.norm2]
-            if not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
-                out.append(f"{where}: block {i} has layer scale (init_values); ViTModel has none")
-            attn = blk.attn
-            if type(attn) is not Attention or not all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity)
-                                                       for n in ("q_norm", "k_norm", "norm")):
-                out.append(f"{where}: block {i} attention has q/k norms or a scale norm ({type(attn).__name__})")
-            elif not math.isclose(attn.scale, attn.head_dim ** -0.5):
-                out.append(f"{where}: block {i} attention scale {attn.scale} is not head_dim**-0.5")
-            mlp = blk.mlp
-            if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity) or _gelu_name(mlp.act) is None:
-                out.append(f"{where}: block {i} MLP is a {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}; "
-                           "ViTModel's is fc1 -> GELU -> fc2")
-        _layer_norm_eps(norms, where, out)
-        if len({blk.mlp.fc1.out_features for blk in vit.blocks if type(blk) is Block}) > 1:
-            out.append(f"{where}: blocks differ in MLP width")
+        out = _timm_vit_reasons(encoder, self.hf_class)
+        vit = encoder.model
+        if not out and not isinstance(vit.norm_pre, nn.Identity):
+            out.append(f"encoders.image (timm {encoder.model_name}): pre_norm (a norm_pre {type(vit.norm_pre).__name__}); "
+                       "ViTModel has no pre-norm")
         return out
 
     def config(self, encoder: nn.Module):
@@ -185,6 +217,7 @@ class TimmViT:
     def state_dict(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
         vit = encoder.model
         pe = vit.patch_embed.proj
+        d = vit.embed_dim
         s = {
             "embeddings.cls_token": vit.cls_token,
             "embeddings.position_embeddings": vit.pos_embed,
@@ -192,29 +225,86 @@ class TimmViT:
             "embeddings.patch_embeddings.projection.bias": _bias(pe),
             "layernorm.weight": vit.norm.weight,
             "layernorm.bias": vit.norm.bias,
+            "pooler.dense.weight": vit.norm.weight.new_zeros(d, d),  # LLaVA never runs the pooler
+            "pooler.dense.bias": vit.norm.weight.new_zeros(d),
         }
-        for i, blk in enumerate(vit.blocks):
-            p = f"layers.{i}."
-            q, k, v = blk.attn.qkv.weight.chunk(3)  # timm's fused qkv rows are [q; k; v]
-            s |= {p + "attention.q_proj.weight": q, p + "attention.k_proj.weight": k, p + "attention.v_proj.weight": v}
-            if blk.attn.qkv.bias is not None:
-                qb, kb, vb = blk.attn.qkv.bias.chunk(3)
-                s |= {p + "attention.q_proj.bias": qb, p + "attention.k_proj.bias": kb, p + "attention.v_proj.bias": vb}
-            s |= {
-                p + "attention.o_proj.weight": blk.attn.proj.weight, p + "attention.o_proj.bias": _bias(blk.attn.proj),
-                p + "layernorm_before.weight": blk.norm1.weight, p + "layernorm_before.bias": blk.norm1.bias,
-                p + "layernorm_after.weight": blk.norm2.weight, p + "layernorm_after.bias": blk.norm2.bias,
-                p + "mlp.fc1.weight": blk.mlp.fc1.weight, p + "mlp.fc1.bias": _bias(blk.mlp.fc1),
-                p + "mlp.fc2.weight": blk.mlp.fc2.weight, p + "mlp.fc2.bias": _bias(blk.mlp.fc2),
-            }
-        d = vit.embed_dim
-        s["pooler.dense.weight"] = vit.norm.weight.new_zeros(d, d)  # LLaVA never runs the pooler
-        s["pooler.dense.bias"] = vit.norm.weight.new_zeros(d)
+        s |= _timm_blocks(vit, "layers.{}.", {
+            "q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
+            "norm1": "layernorm_before", "norm2": "layernorm_after", "fc1": "mlp.fc1", "fc2": "mlp.fc2"})
+        if vit.blocks[0].attn.qkv.bias is None:  # qkv_bias=False: ViTModel has no q/k/v biases either
+            s = {k: v for k, v in s.items() if not (k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))}
         return {k: v.detach() for k, v in s.items()}
 
     def selection(self, encoder: nn.Module) -> tuple[int, str]:
         if encoder.feature_layer is None:  # the final norm's output: hidden_states[-1], tied
             return -1, "full" if encoder.select == "all" else "default"
+        return _selection(encoder.feature_layer, len(encoder.model.blocks), encoder.select)
+
+
+_CLIP_KEYS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+              "norm1": "layer_norm1", "norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@VISION_TOWERS.register("timm_clip")
+class TimmClipViT:
+    """A timm `VisionTransformer` with a pre-norm (`pre_norm=True`, timm's CLIP ViTs) as a `CLIPVisionModel`.
+
+    Holds what `ViTModel` would plus `norm_pre` as CLIP's `pre_layrnorm`; a patch-conv bias (CLIP's
+    conv has none) is folded into the patch positions' embeddings, which add to the same tokens.
+    timm's final norm becomes CLIP's `post_layernorm`, which transformers applies to the pooled
+    class token only, so the final features (`feature_layer: None`) are refused; any block's output
+    (`feature_layer: -1` for the last) maps.
+    """
+
+    hf_class = "CLIPVisionModel"
+    encoder_kind = "timm"
+
+    def reasons(self, encoder: nn.Module) -> list[str]:
+        out = _timm_vit_reasons(encoder, self.hf_class)
+        if out:
+            return out
+        where = f"encoders.image (timm {encoder.model_name})"
+        vit = encoder.model
+        if isinstance(vit.norm_pre, nn.Identity):
+            out.append(f"{where}: no pre-norm; CLIPVisionModel always applies pre_layrnorm")
+        if encoder.feature_layer is None and not isinstance(vit.norm, nn.Identity):
+            out.append(f"{where}: feature_layer None takes the features after timm's final norm, which CLIPVisionModel "
+                       "applies to the pooled class token only (feature_layer -1 takes the last block's output)")
+        return out
+
+    def config(self, encoder: nn.Module):
+        from transformers import CLIPVisionConfig
+
+        vit = encoder.model
+        blk = vit.blocks[0]
+        return CLIPVisionConfig(
+            hidden_size=vit.embed_dim,
+            intermediate_size=blk.mlp.fc1.out_features,
+            num_hidden_layers=len(vit.blocks),
+            num_attention_heads=blk.attn.num_heads,
+            num_channels=vit.patch_embed.proj.in_channels,
+            image_size=encoder.image_size[0],
+            patch_size=vit.patch_embed.proj.kernel_size[0],
+            hidden_act=_gelu_name(blk.mlp.act),
+            layer_norm_eps=vit.norm_pre.eps,
+            attention_dropout=0.0,
+        )
+
+    def state_dict(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
+        vit = encoder.model
+        pos = vit.pos_embed[0].detach().clone()  # [1 + N, D]
+        pos[1:] += _bias(vit.patch_embed.proj)  # conv bias -> the patch positions (CLS gets none in timm)
+        s = {
+            "embeddings.class_embedding": vit.cls_token[0, 0],
+            "embeddings.patch_embedding.weight": vit.patch_embed.proj.weight,
+            "embeddings.position_embedding.weight": pos,
+            "pre_layrnorm.weight": vit.norm_pre.weight, "pre_layrnorm.bias": vit.norm_pre.bias,
+            "post_layernorm.weight": vit.norm.weight, "post_layernorm.bias": vit.norm.bias,
+        }
+        s |= _timm_blocks(vit, "encoder.layers.{}.", _CLIP_KEYS)
+        return {k: v.detach() for k, v in s.items()}
+
+    def selection(self, encoder: nn.Module) -> tuple[int, str]:
         return _selection(encoder.feature_layer, len(encoder.model.blocks), encoder.select)
 
 
@@ -307,13 +397,19 @@ class OpenClipViT:
         return _selection(encoder.feature_layer, len(encoder.model.transformer.resblocks), encoder.select)
 
 
-def _tower(encoder_kind: str):
-    """The `VISION_TOWERS` adapter for an encoder kind, or None."""
-    for name in VISION_TOWERS.names():
-        adapter = VISION_TOWERS.build(name)
-        if adapter.encoder_kind == encoder_kind:
-            return adapter
-    return None
+def choose_tower(encoder: nn.Module, kind: str):
+    """`(the first VISION_TOWERS adapter that holds the encoder, [])`, or `(None, every adapter's reasons)`."""
+    towers = [t for t in (VISION_TOWERS.build(n) for n in VISION_TOWERS.names()) if t.encoder_kind == kind]
+    if not towers:
+        kinds = sorted({VISION_TOWERS.build(n).encoder_kind for n in VISION_TOWERS.names()})
+        return None, [f"encoders.image: a {kind} encoder; LLaVA-native towers exist for {kinds} encoders"]
+    reasons: list[str] = []
+    for tower in towers:
+        why = tower.reasons(encoder)
+        if not why:
+            return tower, []
+        reasons += why
+    return None, list(dict.fromkeys(reasons))
 
 
 def _language_model(model: nn.Module) -> tuple[nn.Module | None, list[str]]:
@@ -353,12 +449,7 @@ def llava_blockers(model: nn.Module, model_config: Any) -> list[str]:
             out.append(f"encoders.image: a MoE vision tower (encoders.image.moe, {enc.moe.num_experts} experts); "
                        "transformers' vision towers (ViTModel, CLIPVisionModel, TimmWrapperModel) have dense MLPs")
         else:
-            tower = _tower(enc.kind)
-            if tower is None:
-                out.append(f"encoders.image: a {enc.kind} encoder; LLaVA-native towers exist for "
-                           f"{sorted(VISION_TOWERS.build(n).encoder_kind for n in VISION_TOWERS.names())} encoders")
-            else:
-                out += tower.reasons(model.encoders["image"])
+            out += choose_tower(model.encoders["image"], enc.kind)[1]
         if con.kind != "mlp":
             out.append(f"connectors.image: {CONNECTOR_NAMES.get(con.kind, 'a ' + con.kind + ' connector')}; {PROJECTOR}")
         else:
@@ -404,7 +495,7 @@ def to_llava(model: nn.Module, model_config: Any):
 
     _refuse(model, model_config)
     encoder = model.encoders["image"]
-    tower = _tower(model_config.encoders["image"].kind)
+    tower, _ = choose_tower(encoder, model_config.encoders["image"].kind)
     layer, strategy = tower.selection(encoder)
     lm, _ = _language_model(model)
     hf_lm = to_hf(lm) if isinstance(lm, MoECausalLM) else lm
@@ -621,5 +712,5 @@ def export_llava(
     return atomic_directory_write(directory, write, overwrite=overwrite)
 
 
-__all__ = ["TIMM_WRAPPER_REASON", "VISION_TOWERS", "check_llava_parity", "expand_image_tokens", "export_llava",
+__all__ = ["TIMM_WRAPPER_REASON", "VISION_TOWERS", "check_llava_parity", "choose_tower", "expand_image_tokens", "export_llava",
            "image_tokens", "llava_blocker", "llava_blockers", "to_llava", "to_llava_processor"]
