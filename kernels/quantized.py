@@ -8,12 +8,15 @@ against float64), with fewer passes over each chosen expert's weights:
 - int4: the two nibbles of each byte are written into a preallocated float `[N, 2, K/2]` (the
   packing's halves layout makes that two strided writes) and scaled in place.
 
-Measured on our 2-core CPU (AMD EPYC with AVX-512 VNNI, torch 2.14.1, one thread, 1 token,
-`[2048, 512]`): fp32 `F.linear` 0.06-0.09 ms; int8 this path 0.15 ms, dequantize + linear 0.27 ms,
-`torch.ops.aten._weight_int8pack_mm` 0.76 ms; int4 this path ~0.3 ms, `_weight_int4pack_mm_for_cpu`
-(torchao's CPU int4 layout) 1.7 ms; `torch.compile` of dequantize + linear was no faster and
-compiled for 73 s. So on this CPU quantized experts save bytes, not time (see bench/quantize.py).
-There is no Triton kernel for quantized experts: CUDA runs this path too (untested on a GPU here).
+Measured on our 2-core CPU (AMD EPYC with AVX-512 VNNI, torch 2.14.1, one thread, 1 token, one
+expert matrix `[2048, 512]` and `[512, 128]`; `bench/quantize.py`, figures in bench/RESULTS.md):
+this path is the fastest correct one we found for each format, ahead of the dequantizing
+reference, of `torch.ops.aten._weight_int8pack_mm` (2-3x slower than this int8 path) and of
+`torch.ops.aten._weight_int4pack_mm_for_cpu` (torchao's CPU int4 layout, 2-3x slower than this
+int4 path); `torch.compile` of dequantize + linear compiled for 73 s and ran no faster. All of
+them are slower than fp32 `F.linear` (int8 1.3-2.3x, int4 2.4-5.9x per matrix): on this CPU
+quantized experts save bytes, not time. There is no Triton kernel for quantized experts; CUDA
+runs this path too (not measured: no GPU here).
 """
 
 from __future__ import annotations
