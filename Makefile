@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench experiments
 
 $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-packages.txt
 	bash .ci/install-debian-packages pipelines/data/debian-packages.txt
@@ -26,3 +26,13 @@ test: setup
 bench: setup
 	$(PY) bench/moe_layer.py
 	$(PY) bench/kernels.py  # needs a CUDA GPU; exits with a message on CPU
+
+# The shipped studies (configs/experiments/), 3 seeds each, sharing one stage store: the prefix
+# stages train once per seed for all of them. Results: runs/experiments/<study>/results.md.
+EXPERIMENTS ?= moe-vs-dense topp-vs-topk null-experts smoe-dropout upcycling esft lora-adapters
+EXPERIMENTS_OUT ?= runs/experiments
+experiments: setup
+	@status=0; for e in $(EXPERIMENTS); do \
+	  $(VENV)/bin/zoo experiment configs/experiments/$$e.yaml --out $(EXPERIMENTS_OUT)/$$e \
+	    --store $(EXPERIMENTS_OUT)/store || status=1; \
+	done; exit $$status

@@ -63,6 +63,7 @@ from zoo.pipelines.experiment_stats import EXPECTATIONS, Interval, paired_differ
 SEED_STRIDE = 1000
 # Bump when the harness changes what a stage computes (its seeding): stored stages are not reused.
 HARNESS_VERSION = 1
+INFERENCE_OPTIONS = ("top_k", "rank", "disable", "force")
 EFFICIENCY = ("experts_per_token", "active_params", "flops_per_token", "trainable_params", "stored_bytes", "wall_s")
 
 
@@ -138,12 +139,17 @@ class ExperimentConfig:
         compare: the claims (`Comparison`).
         level: confidence level of every interval.
         description: what the study asks, in words (copied into results.md).
+        equal: efficiency field -> relative tolerance: fields the variants are meant to have equal
+            (e.g. `{trainable_params: 0.1}` for adapters compared at equal trainable parameters);
+            results.md states whether the measured means are within it.
 
     Overrides are a mapping: `stages: {<stage name>: <partial stage config> | null}` deep-merges
-    into that stage (`null` drops it; a different `kind` starts the stage's options afresh; lists
-    are replaced, not merged), and any other recipe field (`data`, `tokenizer_vocab`, `model`)
-    replaces or deep-merges into the recipe's. An unknown stage, field or option is an error
-    naming it.
+    into that stage (`null` drops it; lists are replaced, not merged; a different `kind`, `router`,
+    `upcycler`, `adapter` or `experts` starts its options afresh: `NAME_OPTIONS`), and any other
+    recipe field (`data`, `tokenizer_vocab`, `model`) replaces or deep-merges into the recipe's.
+    An unknown stage, field or option is an error naming it. A variant may also hold `inference:` (`zoo.inference.override_routing` keywords:
+    `top_k`, `rank`, `disable`, `force`): its outputs are measured under that routing override,
+    so variants that differ only there share every stage (SMoE-Dropout's k at inference).
     """
 
     name: str
@@ -159,6 +165,7 @@ class ExperimentConfig:
     compare: list[Comparison] = field(default_factory=list)
     level: float = 0.95
     description: str = ""
+    equal: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"experiment {self.name!r}"
@@ -174,6 +181,15 @@ class ExperimentConfig:
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{where}: variant {name!r} must be a mapping of overrides, got {type(value).__name__}")
         self.variants = {k: dict(v or {}) for k, v in self.variants.items()}
+        for name, value in self.variants.items():
+            inference = value.get("inference")
+            if inference is not None and (not isinstance(inference, dict)
+                                          or set(inference) - set(INFERENCE_OPTIONS)):
+                raise ValueError(f"{where}: variant {name!r}: `inference` must map override_routing options "
+                                 f"{list(INFERENCE_OPTIONS)} to values, got {inference!r}")
+        unknown = sorted(set(self.equal or {}) - set(EFFICIENCY))
+        if unknown:
+            raise ValueError(f"{where}: `equal` names {unknown}; efficiency fields: {list(EFFICIENCY)}")
         self.eval = sub_config(MeasureSpec, self.eval, f"{where}: eval")
         self.compare = [sub_config(Comparison, c, f"{where}: compare[{i}]") for i, c in enumerate(self.compare or [])]
         for c in self.compare:
@@ -205,12 +221,26 @@ class ExperimentConfig:
 # ---------------------------------------------------------------------------------------- planning
 
 
+# A registered name and the settings that belong to it: overriding the name with a different one
+# starts them afresh (a topk router's `top_k` means nothing to a topp router).
+NAME_OPTIONS = {"kind": ("options",), "router": ("router_options", "loss_coefs"), "upcycler": ("upcycler_options",),
+                "adapter": ("adapter_options",), "experts": ("experts_options",)}
+
+
 def _deep_merge(base: Any, patch: Any) -> Any:
-    """`patch` over `base`: mappings merge key by key, everything else (lists included) is replaced."""
+    """`patch` over `base`: mappings merge key by key, everything else (lists included) is replaced.
+
+    Where `patch` changes a registered name (`kind`, `router`, `upcycler`, `adapter`, `experts`),
+    the base's settings of the old name (`NAME_OPTIONS`) are dropped before merging.
+    """
     if isinstance(base, Mapping) and isinstance(patch, Mapping):
         out = dict(base)
+        for name, owned in NAME_OPTIONS.items():
+            if name in patch and patch[name] != base.get(name):
+                for key in owned:
+                    out.pop(key, None)
         for k, v in patch.items():
-            out[k] = _deep_merge(base.get(k), v) if k in base else copy.deepcopy(v)
+            out[k] = _deep_merge(out[k], v) if k in out else copy.deepcopy(v)
         return out
     return copy.deepcopy(patch)
 
@@ -249,10 +279,7 @@ def apply_overrides(recipe: dict, overrides: Mapping[str, Any], where: str) -> d
                 if patch.get("name", name) != name:
                     raise ValueError(f"{where}: the override of stage {name!r} renames it to {patch['name']!r}; "
                                      "a variant keeps the recipe's stage names")
-                base = out["stages"][i]
-                if "kind" in patch and patch["kind"] != base.get("kind"):
-                    base = {k: v for k, v in base.items() if k != "options"}  # a new kind starts its options afresh
-                out["stages"][i] = _deep_merge(base, dict(patch))
+                out["stages"][i] = _deep_merge(out["stages"][i], dict(patch))
         else:
             allowed = _recipe_fields()
             if key not in allowed:
@@ -292,7 +319,8 @@ def variant_recipe_dict(exp: ExperimentConfig, variant: str) -> dict:
     """The raw recipe dict of one variant (before seeding)."""
     if variant not in exp.variants:
         raise ValueError(f"experiment {exp.name!r} has no variant {variant!r}; variants: {list(exp.variants)}")
-    raw = apply_overrides(base_recipe_dict(exp), exp.variants[variant], f"experiment {exp.name!r}: variant {variant!r}")
+    overrides = {k: v for k, v in exp.variants[variant].items() if k != "inference"}
+    raw = apply_overrides(base_recipe_dict(exp), overrides, f"experiment {exp.name!r}: variant {variant!r}")
     raw["name"] = f"{exp.name}-{variant}"
     raw["eval"] = None  # the experiment measures its outputs itself (`MeasureSpec`)
     return raw
@@ -342,7 +370,8 @@ def build_recipe(raw: dict, where: str):
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
+    """Leaves of nested dicts as `{dotted path: value}`; an empty mapping is no leaf (as if absent)."""
+    if isinstance(value, dict):
         for k, v in value.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
     else:
@@ -369,7 +398,10 @@ def check_factor(exp: ExperimentConfig, recipes: Mapping[str, Any]) -> None:
     if exp.factor is None:
         return
     names = list(recipes)
-    paths = {v: recipe_paths(r) for v, r in recipes.items()}
+    paths = {}
+    for v, r in recipes.items():
+        paths[v] = recipe_paths(r)
+        _flatten({"inference": exp.variants[v].get("inference") or {}}, "", paths[v])
     ref = names[0]
     for other in names[1:]:
         a, b = paths[ref], paths[other]
@@ -424,6 +456,7 @@ class RunPlan:
         keys: stage name -> stage key (for the stages in `chain`).
         data_key: key of the data directory.
         tokenizer_key: key of the tokenizer directory.
+        inference: routing override the outputs are measured under (`override_routing` keywords).
     """
 
     variant: str
@@ -433,6 +466,7 @@ class RunPlan:
     keys: dict[str, str]
     data_key: str
     tokenizer_key: str
+    inference: dict = field(default_factory=dict)
 
     @property
     def measured(self):
@@ -492,7 +526,7 @@ def plan(exp: ExperimentConfig, *, variants: list[str] | None = None, seeds: lis
             for pos, i in enumerate(chain):
                 links = [(j, to_plain(recipe.stages[j])) for j in chain[: pos + 1]]
                 keys[recipe.stages[i].name] = _hash({**common, "stages": links})
-            runs.append(RunPlan(v, s, recipe, chain, keys, data_key, tokenizer_key))
+            runs.append(RunPlan(v, s, recipe, chain, keys, data_key, tokenizer_key, dict(exp.variants[v].get("inference") or {})))
     return runs
 
 
@@ -578,9 +612,28 @@ def _stored_bytes(output: Path) -> int:
     return sum(p.stat().st_size for p in output.glob("model*.safetensors"))
 
 
+def _routing_override(model, inference: Mapping[str, Any] | None):
+    """`override_routing` on the model's language model, or nothing."""
+    import contextlib
+
+    if not inference:
+        return contextlib.nullcontext()
+    from zoo.inference.overrides import override_routing
+
+    return override_routing(model.language_model, **dict(inference))
+
+
 def measure_output(output: Path, families: list[str], test: Mapping[str, list], train: Mapping[str, list],
-                   spec: MeasureSpec) -> dict[str, Any]:
+                   spec: MeasureSpec, inference: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Score one stage output: task metric per family, routing cost, trainable parameters, stored bytes.
+
+    Args:
+        output: the output's model directory.
+        families: the families it is scored on.
+        test: family -> test samples.
+        train: family -> training samples (the majority-answer baseline).
+        spec: how it is scored.
+        inference: `override_routing` keywords for the language model's MoE layers (None: as trained).
 
     Returns:
         `{"families": {family: {"metric", "value", "baseline", "n"}}, **routing_cost, "trainable_params",
@@ -594,15 +647,16 @@ def measure_output(output: Path, families: list[str], test: Mapping[str, list], 
 
     torch.manual_seed(0)
     model, processor, _ = load_directory(output)
-    scored = {}
-    for family in [f for f in families if f in METRIC_OF_FAMILY]:
-        keep = SCORED.get(family, lambda s: True)
-        samples = [s for s in test[family] if keep(s)][: spec.limit]
-        r = evaluate(model, processor, samples, family=family, train=train[family], batch_size=spec.batch_size,
-                     max_new_tokens=spec.max_new_tokens)
-        scored[family] = {k: r[k] for k in ("metric", "value", "baseline", "n")}
-    samples = [s for f in sorted(families) if f in test for s in test[f][: spec.routing_samples]]
-    cost = routing_cost(model, collate(samples, processor)) if samples else {}
+    with _routing_override(model, inference):
+        scored = {}
+        for family in [f for f in families if f in METRIC_OF_FAMILY]:
+            keep = SCORED.get(family, lambda s: True)
+            samples = [s for s in test[family] if keep(s)][: spec.limit]
+            r = evaluate(model, processor, samples, family=family, train=train[family], batch_size=spec.batch_size,
+                         max_new_tokens=spec.max_new_tokens)
+            scored[family] = {k: r[k] for k in ("metric", "value", "baseline", "n")}
+        samples = [s for f in sorted(families) if f in test for s in test[f][: spec.routing_samples]]
+        cost = routing_cost(model, collate(samples, processor)) if samples else {}
     return {"families": scored, **cost, "trainable_params": _trainable_params(output), "stored_bytes": _stored_bytes(output)}
 
 
@@ -697,7 +751,7 @@ class _Runner:
     def _measure(self, run: RunPlan, datasets) -> dict[str, dict]:
         stage = run.measured
         stage_dir = self.store / f"stage-{run.keys[stage.name]}"
-        spec_key = _hash(dataclasses.asdict(self.exp.eval))
+        spec_key = _hash({"eval": dataclasses.asdict(self.exp.eval), "inference": run.inference})
         cached = stage_dir / f"measure-{spec_key}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
@@ -705,7 +759,8 @@ class _Runner:
         for branch in stage.stage().branches(stage):
             path = self.run_dir(run) / branch.path / "model"
             out[branch.output] = {"family": branch.family,
-                                  **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval)}
+                                  **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval,
+                                                  run.inference)}
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
         os.replace(tmp, cached)
@@ -820,6 +875,15 @@ def summarize(exp: ExperimentConfig, results: list[RunResult], runs: list[RunPla
             per_family[family] = {**diff.to_dict(), "verdict": verdict(diff, c.expect, c.margin),
                                   "metric": table[c.a][family]["_metric"] if c.metric == "task" else c.metric}
         claims.append({**dataclasses.asdict(c), "families": per_family})
+    equal = {}
+    for name, tol in (exp.equal or {}).items():
+        for family in sorted({f for fams in variants.values() for f in fams}):
+            means = {v: fams[family][name]["mean"] for v, fams in variants.items() if name in fams.get(family, {})}
+            if means:
+                lo, hi = min(means.values()), max(means.values())
+                spread = (hi - lo) / abs(hi) if hi else 0.0
+                equal.setdefault(name, {})[family] = {"means": means, "relative_spread": round(spread, 4),
+                                                      "tolerance": tol, "equal": spread <= tol}
     return {
         "experiment": exp.name,
         "description": exp.description,
@@ -830,6 +894,7 @@ def summarize(exp: ExperimentConfig, results: list[RunResult], runs: list[RunPla
         "factor": exp.factor,
         "variants": variants,
         "claims": claims,
+        "equal": equal,
         "runs": [dataclasses.asdict(r) for r in results],
         "failures": [{"variant": r.variant, "seed": r.seed, "error": r.error} for r in results if r.error],
     }
@@ -873,6 +938,12 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
             eff = [_fmt_num(e[n]["mean"]) if n in e else ("dense" if n == "experts_per_token" else "–") for n in EFFICIENCY]
             lines.append(f"| {v} | {family} | {e['metric']} | {_interval_of(e['task']).format()} | "
                          f"{e['baseline']['mean']:.3f} | " + " | ".join(eff) + " |")
+    for name, per_family in report.get("equal", {}).items():
+        lines += [""]
+        for family, e in per_family.items():
+            means = ", ".join(f"{v} {_fmt_num(m)}" for v, m in e["means"].items())
+            lines.append(f"Equal {name} ({family}): {means}: spread {e['relative_spread']:.1%} "
+                         f"{'within' if e['equal'] else 'OUTSIDE'} the declared {e['tolerance']:.0%}.")
     if report["claims"]:
         lines += ["", "## Claims", ""]
     for c in report["claims"]:

@@ -198,3 +198,41 @@ def test_resume_after_sigkill_skips_finished_stages_and_matches_the_uninterrupte
                               for v, fams in variants.items()}
     assert strip(resumed["variants"]) == strip(report["variants"])
     assert _final_losses(tmp_path, "micro") == _final_losses(out, "micro")  # bit-for-bit the same training
+
+
+def test_a_new_name_starts_its_options_afresh_and_lists_are_replaced():
+    from zoo.pipelines.experiment import apply_overrides
+
+    recipe = {"name": "r", "stages": [{"name": "tune", "kind": "moe-tune", "trains": ["a.*", "b.*"], "options": {
+        "moe": {"router": "topk", "router_options": {"top_k": 2}, "loss_coefs": {"balance": 0.01}, "num_experts": 4}}}]}
+    out = apply_overrides(recipe, {"stages": {"tune": {"trains": ["c.*"], "options": {"moe": {
+        "router": "topp", "router_options": {"p": 0.5}}}}}}, "test")
+    moe = out["stages"][0]["options"]["moe"]
+    assert moe == {"router": "topp", "router_options": {"p": 0.5}, "num_experts": 4}  # top_k, balance dropped
+    assert out["stages"][0]["trains"] == ["c.*"]
+    dense = apply_overrides(recipe, {"stages": {"tune": {"kind": "pretrain-lm"}}}, "test")
+    assert "options" not in dense["stages"][0] and recipe["stages"][0]["options"]["moe"]["num_experts"] == 4
+    assert apply_overrides(recipe, {"stages": {"tune": None}}, "test")["stages"] == []
+
+
+def test_every_shipped_experiment_plans_and_the_studies_share_their_stages():
+    exps = {p.stem: ExperimentConfig.load(p) for p in sorted(MICRO.parent.glob("*.yaml"))}
+    assert {"moe-vs-dense", "lora-adapters", "topp-vs-topk", "null-experts", "esft", "smoe-dropout", "upcycling"} <= set(exps)
+    plans = {name: {(r.variant, r.seed): r for r in plan(exp)} for name, exp in exps.items()}
+    studies = [n for n, e in exps.items() if Path(e.recipe).name == "study.yaml"]
+    for stage in SHARED:  # one prefix per seed for every study (multiplet upcycling changes specialize)
+        keys = {r.keys[stage] for n in studies for (v, seed), r in plans[n].items()
+                if seed == 0 and (stage, n, v) != ("specialize", "upcycling", "multiplet")}
+        assert len(keys) == 1, stage
+    top2 = {plans[n][v, 0].keys["tune"] for n, v in [("moe-vs-dense", "moe"), ("topp-vs-topk", "top2"), ("null-experts", "top2"),
+                                                      ("smoe-dropout", "top2-k2"), ("smoe-dropout", "top2-k4"), ("upcycling", "copy"),
+                                                      ("esft", "esft")]}
+    assert len(top2) == 1  # the top-2 MoE trains once per seed for five studies
+    smoe = plans["smoe-dropout"]
+    assert smoe["smoe-k1", 1].keys == smoe["smoe-k4", 1].keys and smoe["smoe-k4", 1].inference == {"top_k": 4}
+    assert plans["upcycling"]["multiplet", 0].keys["specialize"] != plans["upcycling"]["copy", 0].keys["specialize"]
+    assert plans["upcycling"]["multiplet", 0].keys["align"] == plans["upcycling"]["copy", 0].keys["align"]
+    with pytest.raises(ValueError, match=r"variants 'smoe-k1' and 'smoe-k2' differ in inference.top_k \(1 vs 2\)"):
+        exp = exps["smoe-dropout"]
+        exp.factor = [f for f in exp.factor if not f.startswith("inference")]
+        plan(exp)
