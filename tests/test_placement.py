@@ -108,6 +108,13 @@ def test_the_ilp_is_optimal_against_brute_force_and_never_worse_than_greedy(seed
     assert cross_device_transitions(trace, ilp) <= cross_device_transitions(trace, contiguous)
 
 
+def test_the_ilp_is_optimal_against_brute_force_with_one_expert_per_device():
+    trace = _random_trace(4, tokens=30, layers=2)
+    best = min(_naive_cross(trace, combo) for combo in itertools.product(_balanced(4, 4), repeat=2))
+    ilp = ilp_placement(trace, 4, at_least_greedy=False)
+    assert ilp.optimal is True and cross_device_transitions(trace, ilp) == best
+
+
 def test_a_time_limited_ilp_is_still_never_worse_than_greedy():
     trace = _random_trace(7, tokens=300, layers=4, num_experts=16)
     greedy = greedy_placement(trace, 4)
