@@ -178,6 +178,9 @@ class ExperimentConfig:
         if not isinstance(self.variants, dict) or not self.variants:
             raise ValueError(f"{where}: `variants` must name at least one variant (name -> overrides)")
         for name, value in self.variants.items():
+            if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                raise ValueError(f"{where}: variant names must be non-empty strings without '/' (they name "
+                                 f"directories), got {name!r} (YAML reads a bare null/yes/no/1 as a non-string: quote it)")
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{where}: variant {name!r} must be a mapping of overrides, got {type(value).__name__}")
         self.variants = {k: dict(v or {}) for k, v in self.variants.items()}
@@ -588,12 +591,18 @@ def routing_cost(model, batch: dict) -> dict[str, Any]:
 
 
 def _trainable_params(output: Path) -> int | None:
-    """Parameters the output's stage trained (names in its config, sizes from its final training checkpoint)."""
+    """Parameters the output's stage trained: the names in its config, sized from its final training
+    checkpoint; for an ESFT output the rows of its expert adapter (ESFT masks the gradient of the
+    stacked expert tensors to the selected experts' rows, so the trained names overstate it)."""
     from safetensors import safe_open
 
     from zoo.io.checkpoint import WEIGHTS_NAME
+    from zoo.io.expert_adapter import EMBEDDED_WEIGHTS
     from zoo.pipelines.train import checkpoints
 
+    if (output / EMBEDDED_WEIGHTS).is_file():
+        with safe_open(str(output / EMBEDDED_WEIGHTS), "pt") as f:
+            return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
     config = json.loads((output / "config.json").read_text())
     names = set(config.get("trained") or [])
     found = checkpoints(output.parent / "train")
@@ -918,6 +927,8 @@ def _interval_of(entry: dict) -> Interval:
 
 def results_markdown(exp: ExperimentConfig, report: dict) -> str:
     """`results.md`: the table a person reads, the claims with their verdicts, the failures."""
+    verdict_text = {"holds": "holds", "contradicted": "is contradicted", "not shown": "is not shown (the interval spans the boundary)",
+                    "one seed": "cannot be judged (one seed)"}
     pct = round(report["level"] * 100)
     lines = [f"# Experiment `{exp.name}`", ""]
     if exp.description:
@@ -958,7 +969,11 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
         for family, d in c["families"].items():
             interval = "–" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
             lines.append(f"| {family} | {d['metric']} | {d['mean']:+.3f} | {interval} | {d['verdict']} |")
-        lines.append("")
+        by_verdict: dict[str, list[str]] = {}
+        for family, d in c["families"].items():
+            by_verdict.setdefault(d["verdict"], []).append(family)
+        lines += ["", "At this scale the claim " + "; ".join(
+            f"{verdict_text[v]} on {', '.join(fams)}" for v, fams in by_verdict.items()) + ".", ""]
     if report["failures"]:
         lines += ["## Failed runs", ""]
         lines += [f"- {f['variant']} seed {f['seed']}: {f['error']}" for f in report["failures"]]

@@ -236,3 +236,29 @@ def test_every_shipped_experiment_plans_and_the_studies_share_their_stages():
         exp = exps["smoe-dropout"]
         exp.factor = [f for f in exp.factor if not f.startswith("inference")]
         plan(exp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", sorted(p.stem for p in MICRO.parent.glob("*.yaml") if p.stem != "micro"))
+def test_every_shipped_study_runs_end_to_end_at_two_steps(study, tmp_path_factory):
+    """Each study on the micro model, 2 steps per stage, 2 seeds: every variant trains and is measured."""
+    from zoo.pipelines.experiment import MeasureSpec, base_recipe_dict
+
+    exp = ExperimentConfig.load(MICRO.parent / f"{study}.yaml")
+    exp.seeds = [0, 1]
+    exp.overrides = {"model": str(ROOT / "configs" / "models" / "micro-zoo.yaml"), "tokenizer_vocab": 512,
+                     "data": {"max_per_split": 16},
+                     "stages": {s["name"]: {"train": {"steps": 2}, "batch_size": 4} for s in base_recipe_dict(exp)["stages"]}}
+    for variant in exp.variants.values():  # multiplet upcycling's FFN copies: 2 steps too
+        if "specialize" in variant.get("stages", {}):
+            variant["stages"]["specialize"]["options"].update(expert_steps=2, cluster_samples=8)
+    exp.eval = MeasureSpec(limit=4, max_new_tokens=4, batch_size=8, routing_samples=4)
+    store = tmp_path_factory.getbasetemp() / "studies-store"  # shared: the prefix trains once for all studies
+    report = run_experiment(exp, tmp_path_factory.mktemp(study), store=store, progress=False)
+    assert not report["failures"], report["failures"]
+    assert set(report["variants"]) == set(exp.variants)
+    for claim in report["claims"]:
+        assert claim["families"] and all(d["n"] == 2 for d in claim["families"].values())
+    if study == "esft":  # ESFT trains the selected experts' rows only: fewer than the MoE's expert tensors
+        trained = {v: report["variants"][v]["vqa"]["trainable_params"]["mean"] for v in exp.variants}
+        assert 0 < trained["esft"] < trained["full"]
