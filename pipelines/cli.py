@@ -95,7 +95,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     out = Path(args.out) if args.out else zoo_home() / "experiments" / exp.name
-    report = run_experiment(exp, out, store=args.store, variants=args.variant, seeds=seeds, progress=not args.quiet)
+    report = run_experiment(exp, out, store=args.store, variants=args.variant, seeds=seeds)
     print(f"{out / 'results.md'} ({report['executed_stages']} stages run, {report['reused_stages']} reused)")
     for f in report["failures"]:
         print(f"zoo: error: run {f['variant']} seed {f['seed']} failed: {f['error']}", file=sys.stderr)
@@ -140,7 +140,7 @@ def add_training_commands(sub) -> None:
     s.add_argument("--store", help="stage store shared between experiments (default: OUT/store)")
     s.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     s.add_argument("--seeds", help="run only these seeds (comma-separated)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_experiment)
 
 

@@ -799,7 +799,7 @@ def run_experiment(
     store: str | os.PathLike | None = None,
     variants: list[str] | None = None,
     seeds: list[int] | None = None,
-    progress: bool = True,
+    quiet: bool | None = None,
 ) -> dict[str, Any]:
     """Plan, run (reusing finished stages), measure and report an experiment.
 
@@ -810,12 +810,12 @@ def run_experiment(
             other's stages.
         variants: run only these variants.
         seeds: run only these seeds.
-        progress: a progress bar over runs.
+        quiet: no progress bar over runs (None: `zoo.progress.is_quiet`).
 
     Returns:
         The results dict written to `results.json`.
     """
-    from tqdm import tqdm
+    from zoo.progress import progress
 
     out_dir = Path(out_dir)
     store = Path(store) if store is not None else out_dir / "store"
@@ -825,7 +825,7 @@ def run_experiment(
     runner = _Runner(exp, out_dir, store.resolve())
     t0 = time.perf_counter()
     results = []
-    bar = tqdm(runs, desc=f"experiment {exp.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = progress(runs, desc=f"experiment {exp.name}", unit="run", quiet=quiet)
     for run in bar:
         results.append(runner.run(run, bar))
     report = summarize(exp, results, runs)

@@ -109,7 +109,7 @@ def test_plan_shares_prefix_stages_between_variants_and_seeds_change_every_stage
 @pytest.fixture(scope="module")
 def micro_experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
-    report = run_experiment(_micro(), out / "micro", store=out / "store", progress=False)
+    report = run_experiment(_micro(), out / "micro", store=out / "store", quiet=True)
     return out, report
 
 
@@ -148,7 +148,7 @@ def test_micro_experiment_reports_every_variant_with_intervals_and_reuses_shared
     assert (out / "micro" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "micro" / "results.json").read_text())["variants"] == report["variants"]
 
-    again = run_experiment(_micro(), out / "micro", store=out / "store", progress=False)  # everything is done
+    again = run_experiment(_micro(), out / "micro", store=out / "store", quiet=True)  # everything is done
     assert again["executed_stages"] == 0 and again["variants"] == report["variants"]
 
 
@@ -158,7 +158,7 @@ def test_a_failing_variant_is_reported_and_the_others_are_kept(micro_experiment)
     # split upcycling into 3 experts: 3 does not divide the FFN's 64 neurons; fails inside the stage
     broken = {"stages": {"moe-tune": {"options": {"upcycler": "split", "moe": {"num_experts": 3}}}}}
     exp = _micro(factor=None, variants={**_micro().variants, "broken": broken})
-    report = run_experiment(exp, out / "with-broken", store=out / "store", progress=False, seeds=[0, 1])
+    report = run_experiment(exp, out / "with-broken", store=out / "store", quiet=True, seeds=[0, 1])
     assert {(f["variant"], f["seed"]) for f in report["failures"]} == {("broken", 0), ("broken", 1)}
     assert "3 does not divide 64" in report["failures"][0]["error"]
     assert set(report["variants"]) == {"top2", "top1"} and report["executed_stages"] == 0  # the rest was stored
@@ -254,7 +254,7 @@ def test_every_shipped_study_runs_end_to_end_at_two_steps(study, tmp_path_factor
             variant["stages"]["specialize"]["options"].update(expert_steps=2, cluster_samples=8)
     exp.eval = MeasureSpec(limit=4, max_new_tokens=4, batch_size=8, routing_samples=4)
     store = tmp_path_factory.getbasetemp() / "studies-store"  # shared: the prefix trains once for all studies
-    report = run_experiment(exp, tmp_path_factory.mktemp(study), store=store, progress=False)
+    report = run_experiment(exp, tmp_path_factory.mktemp(study), store=store, quiet=True)
     assert not report["failures"], report["failures"]
     assert set(report["variants"]) == set(exp.variants)
     for claim in report["claims"]:
