@@ -982,7 +982,8 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
 
 
 def plot_results(report: dict, path: Path) -> None:
-    """`results.png`: the task metric per variant (mean and interval over seeds), one panel per family."""
+    """`results.png`: the task metric per variant (mean and interval over seeds, the per-seed points,
+    the majority-answer baseline dashed), one panel per family."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1004,7 +1005,12 @@ def plot_results(report: dict, path: Path) -> None:
             seeds = list(e["task"]["per_seed"].values())
             ax.plot([i] * len(seeds), seeds, "k.", alpha=0.5, markersize=4)
         ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=4)
+        baselines = [report["variants"][v][family]["baseline"]["mean"] for v in variants if family in report["variants"][v]]
+        if baselines:
+            ax.axhline(max(baselines), color="gray", linestyle="--", linewidth=1, label="majority answer")
+            ax.legend(loc="best", fontsize="small")
         ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(variants) - 0.5)
         ax.set_title(f"{family} ({metric})")
     fig.suptitle(f"{report['experiment']}: mean and {round(report['level'] * 100)}% t interval over seeds {report['seeds']}")
     fig.tight_layout()
