@@ -51,6 +51,10 @@ from zoo.resources import resource_dir
 
 CONFIG_DIR = resource_dir("configs/deepspeed")
 _EXPERT_DIR = "zoo_experts"
+_SHARED_STATE = "shared_optimizer_state.safetensors"  # the non-expert parameters' AdamW moments, whole
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_MASTER = "fp32"  # the optimizer's fp32 master copy (ZeRO 1/2, bf16), whole
+_STATE_SEP = "::"
 _CLIENT_KEY = "zoo_client_state"
 
 
@@ -472,11 +476,18 @@ class DeepSpeedEngine:
             path.parent.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.ds.save_checkpoint(str(path.parent), tag=tmp.name, client_state={_CLIENT_KEY: client_state}, save_latest=False)
+        step, optim_state = self._optimizer_state()  # collective: every rank, every trainable parameter
+        meta = {"ep_size": str(self.ep_size), "adam_step": str(step)}
         if self._expert_params and self._edp_rank == 0:
             tensors = {n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if is_expert_param(p)}
+            tensors.update({k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._expert_params)})
             file = self._expert_file(tmp, self.ep_rank)
             file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(file), metadata={"ep_size": str(self.ep_size), "ep_rank": str(self.ep_rank)})
+            save_file(tensors, str(file), metadata={**meta, "ep_rank": str(self.ep_rank)})
+        if self.is_main:
+            shared = {k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._shared_params)}
+            (tmp / _EXPERT_DIR).mkdir(parents=True, exist_ok=True)
+            save_file(shared, str(tmp / _EXPERT_DIR / _SHARED_STATE), metadata=meta)
         dist.barrier()
         if self.is_main:
             if path.exists():
@@ -493,6 +504,9 @@ class DeepSpeedEngine:
             ValueError: the checkpoint was written with another ep_size.
         """
         path = Path(path)
+        written = self._written_ep_size(path)
+        if written is not None and written != self.ep_size:
+            return self._load_resharded(path, written)
         load_path, states = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
         if load_path is None:
@@ -501,11 +515,9 @@ class DeepSpeedEngine:
             file = self._expert_file(path, self.ep_rank)
             if not file.is_file():
                 found = sorted(p.name for p in (path / _EXPERT_DIR).glob("*.safetensors"))
-                raise (ValueError if found else FileNotFoundError)(
-                    f"{path}: no expert shard {file.name} for ep_size={self.ep_size}, ep_rank={self.ep_rank}; found {found} "
-                    "(resume with the ep_size the checkpoint was written with)"
-                )
-            tensors = load_file(str(file))
+                raise FileNotFoundError(f"{path}: no expert shard {file.name} for ep_size={self.ep_size}, "
+                                        f"ep_rank={self.ep_rank}; found {found}")
+            tensors = {k: v for k, v in load_file(str(file)).items() if _STATE_SEP not in k}
             params = dict(self.module.named_parameters())
             with torch.no_grad():
                 for name, value in tensors.items():
@@ -513,6 +525,156 @@ class DeepSpeedEngine:
             # ZeRO/bf16 master weights were restored from this rank's own optimizer shard, which
             # holds this rank's experts: they agree with what was just copied.
         return states[_CLIENT_KEY]
+
+    # ------------------------------------------------------------ layout-independent optimizer state
+
+    def _adam_states(self, p: torch.Tensor):
+        """Where `p`'s AdamW state lives: `(state dict, hp fragment address, lp fragment address)`.
+
+        ZeRO 1/2 and DeepSpeed's bf16 optimizer keep the state on flat fp32 partitions, each rank a
+        slice (`p._hp_mapping` locates this rank's fragment of `p`, or is None when it holds none);
+        ZeRO-0 fp32 hands the parameters to torch's AdamW unchanged (state keyed by `p`).
+        """
+        opt = self.ds.optimizer
+        if not hasattr(p, "_hp_mapping"):
+            return opt.state.setdefault(p, {}), None, None
+        mapping = p._hp_mapping
+        if mapping is None:
+            return None, None, None
+        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
+        flat = flats[mapping.param_group_index]
+        return opt.optimizer.state.setdefault(flat, {}), mapping.hp_fragment_address, mapping.lp_fragment_address
+
+    def _optimizer_state(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Every trainable parameter's AdamW moments, whole (`<name>::exp_avg`, `<name>::exp_avg_sq`,
+        fp32, an expert shard's `[E / P, ...]` rows), and the AdamW step: a state that any expert-parallel
+        layout can be restored from. A collective over each parameter's data-parallel group."""
+        step, out = 0, {}
+        for name, p in self._shared_params + self._expert_params:
+            state, hp, lp = self._adam_states(p)
+            if state and "step" in state:
+                step = int(state["step"])
+            partitioned = hasattr(p, "_hp_mapping")
+            for key in (*_ADAM_KEYS, *((_MASTER,) if partitioned else ())):
+                if not partitioned:  # ZeRO-0 fp32: the whole tensor is here (or no step yet)
+                    value = state.get(key, torch.zeros_like(p, dtype=torch.float32)).detach().float()
+                else:  # ZeRO 1/2, bf16: this rank's fragment, summed over the partition group
+                    value = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                    if key == _MASTER and p._hp_mapping is not None:
+                        value.narrow(0, lp.start, lp.numel).copy_(p._hp_mapping.hp_fragment.reshape(-1))
+                    elif state is not None and key in state:
+                        value.narrow(0, lp.start, lp.numel).copy_(state[key].narrow(0, hp.start, hp.numel))
+                    dist.all_reduce(value, group=p._dp_group)
+                    value = value.view_as(p)
+                out[f"{name}{_STATE_SEP}{key}"] = value.cpu().contiguous()
+        steps = torch.tensor([step], dtype=torch.float64)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)  # a rank holding no fragment has seen no step
+        return int(steps.item()), out
+
+    def _set_optimizer_state(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        """Put whole moments (as `_optimizer_state` wrote them, re-sliced to this layout) into the optimizer."""
+        for name, p in self._shared_params + self._expert_params:
+            state, hp, lp = self._adam_states(p)
+            if state is None:
+                continue
+            if hp is None:
+                state["step"] = torch.tensor(float(step))
+                for key in _ADAM_KEYS:
+                    state[key] = values[f"{name}{_STATE_SEP}{key}"].to(p.device, torch.float32).view_as(p).clone()
+                continue
+            flats = getattr(self.ds.optimizer, "single_partition_of_fp32_groups", None) or \
+                self.ds.optimizer.fp32_groups_flat_partition
+            flat = flats[p._hp_mapping.param_group_index]
+            state.setdefault("step", torch.tensor(float(step)))
+            state["step"] = torch.tensor(float(step))
+            for key in _ADAM_KEYS:
+                buf = state.setdefault(key, torch.zeros_like(flat))
+                whole = values[f"{name}{_STATE_SEP}{key}"].to(buf.device, buf.dtype).reshape(-1)
+                buf.narrow(0, hp.start, hp.numel).copy_(whole.narrow(0, lp.start, lp.numel))
+            master = values.get(f"{name}{_STATE_SEP}{_MASTER}")  # bf16 weights alone would round it
+            if master is not None:
+                p._hp_mapping.hp_fragment.data.reshape(-1).copy_(master.reshape(-1).narrow(0, lp.start, lp.numel))
+
+    def _written_ep_size(self, path: Path) -> int | None:
+        files = sorted((path / _EXPERT_DIR).glob("ep_rank_*-of-*.safetensors"))
+        sizes = {int(f.stem.rsplit("-of-", 1)[1]) for f in files}
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: expert shards of several expert-parallel sizes {sorted(sizes)}: {[f.name for f in files]}")
+        return sizes.pop() if sizes else None
+
+    def _load_resharded(self, path: Path, written: int) -> dict[str, Any]:
+        """Resume a checkpoint written at another ep_size: weights and AdamW state re-sliced to this layout.
+
+        DeepSpeed's own files hold its partitions for the layout that wrote them; from them only the
+        shared weights, the LR schedule, the step counters and the trainer's state are taken. The
+        experts (every old shard, concatenated into the E experts, then this rank's slice) and all
+        AdamW moments come from the layout-independent files `save_checkpoint` writes beside them.
+
+        Raises:
+            FileNotFoundError: a shard of the written layout is missing.
+            ValueError: the checkpoint's experts or parameters differ from this model's (both named).
+        """
+        shards = []
+        for r in range(written):
+            file = path / _EXPERT_DIR / f"ep_rank_{r:03d}-of-{written:03d}.safetensors"
+            if not file.is_file():
+                raise FileNotFoundError(f"{path}: expert shard {file.name} of the ep_size={written} layout is missing")
+            shards.append(load_file(str(file)))
+        shared_file = path / _EXPERT_DIR / _SHARED_STATE
+        if not shared_file.is_file():
+            raise FileNotFoundError(f"{path}: no {shared_file.name}; this checkpoint predates resuming at another ep_size")
+        shared = load_file(str(shared_file))
+        with open(shared_file, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        step = int(header["__metadata__"]["adam_step"])
+        whole = {k: torch.cat([s[k] for s in shards]) for k in shards[0]} if self._expert_params else {}
+        for name, p in self._expert_params:
+            e = getattr(_owner(self.module, name), "num_experts", None)
+            if name not in whole:
+                raise ValueError(f"{path}: the checkpoint has no expert parameter {name} (it holds {sorted(whole)[:6]}...)")
+            if whole[name].shape[0] != e or whole[name].shape[1:] != p.shape[1:]:
+                raise ValueError(f"{path}: {name} holds {whole[name].shape[0]} experts of shape {tuple(whole[name].shape[1:])} "
+                                 f"in the checkpoint, but the model has {e} of shape {tuple(p.shape[1:])}")
+        for name, p in self._shared_params:
+            key = f"{name}{_STATE_SEP}{_ADAM_KEYS[0]}"
+            if key not in shared or shared[key].shape != p.shape:
+                found = tuple(shared[key].shape) if key in shared else "nothing"
+                raise ValueError(f"{path}: trainable {name} {tuple(p.shape)} is not what the checkpoint trained ({found})")
+
+        experts = {n for n, _ in self._expert_params}
+
+        def load_shared(src, dst):  # DeepSpeed's module file: everything but the (old-layout) expert shards
+            own = dst.state_dict()
+            missing = [k for k in own if k not in src and k.removeprefix("module.") not in experts]
+            if missing:
+                raise ValueError(f"{path}: the checkpoint's model has no {missing[:6]} (a different model)")
+            dst.load_state_dict({k: v for k, v in src.items() if k.removeprefix("module.") not in experts}, strict=False)
+
+        load_path, states = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=False,
+                                                    load_lr_scheduler_states=True, custom_load_fn=load_shared)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {path}")
+        local = {}
+        for name, p in self._expert_params:
+            shard = _owner(self.module, name)
+            rows = slice(shard.expert_offset, shard.expert_offset + shard.num_local_experts)
+            local[name] = whole[name][rows]
+            for key in (*_ADAM_KEYS, _MASTER):
+                if f"{name}{_STATE_SEP}{key}" in whole:
+                    local[f"{name}{_STATE_SEP}{key}"] = whole[f"{name}{_STATE_SEP}{key}"][rows]
+            with torch.no_grad():
+                p.copy_(local[name].to(p.device, p.dtype))
+        if hasattr(self.ds.optimizer, "_restore_from_bit16_weights"):
+            self.ds.optimizer._restore_from_bit16_weights()  # fp32 master weights from the weights just set
+        self._set_optimizer_state(step, {**shared, **local})
+        # DeepSpeed's optimizer file carried each group's current lr; restoring only the schedule leaves the base lr
+        for group, lr in zip(self.ds.optimizer.param_groups, self.ds.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        return states[_CLIENT_KEY]
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rsplit(".", 1)[0])
 
 
 __all__ = [

@@ -33,7 +33,7 @@ GLOBAL_BATCH = 4
 ESFT_SELECTION = {0: [1, 2], 1: [0]}  # under ep_size=2: one selected expert per rank, then rank 1 has none
 
 
-def tiny_moe_tune_model(esft: bool = False):
+def tiny_moe_tune_model(esft: bool = False, num_experts: int = 4):
     """Tiny Llama upcycled to 4 experts top-2, no jitter; only the MoE layers (router + experts) train.
 
     With `esft`: only the experts in `ESFT_SELECTION` train, through ESFT's gradient row masks (set
@@ -42,7 +42,7 @@ def tiny_moe_tune_model(esft: bool = False):
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    model = upcycle(lm, num_experts=4, router_options={"top_k": 2})
+    model = upcycle(lm, num_experts=num_experts, router_options={"top_k": 2})
     with torch.no_grad():  # break the copies' symmetry so each expert (and shard) is distinct
         for moe in model.moe_layers().values():
             moe.experts.gate_up_proj.add_(torch.randn_like(moe.experts.gate_up_proj) * 0.02)
@@ -86,11 +86,12 @@ def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
     return model
 
 
-def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool, esft: bool = False) -> None:
+def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool, esft: bool = False,
+        num_experts: int = 4) -> None:
     """Train with one DeepSpeed config into `out`; precision follows the config's name."""
     from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
 
-    model = tiny_moe_tune_model(esft)
+    model = tiny_moe_tune_model(esft, num_experts)
     precision = "bf16" if "bf16" in ds_config else "fp32"
     cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision, weight_decay=0.1 if esft else 0.0))
     engine = DeepSpeedEngine(model, cfg.optim, cfg.steps, ds_config=ds_config, ep_size=ep_size)
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--ckpt-every", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
     p.add_argument("--esft", action="store_true", help="train only ESFT_SELECTION's experts (gradient row masks)")
     p.add_argument("--stage", choices=["moe-tune"], default="moe-tune", help="what pipelines/launch/<stage>.sh passes")
     p.add_argument("--engine", choices=["deepspeed"], default="deepspeed", help="what pipelines/launch/*.sh passes")
@@ -139,7 +141,7 @@ def main() -> None:
     configs = a.ds_config.split(",")
     for config in configs:
         out = a.out if len(configs) == 1 else os.path.join(a.out, config)
-        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft)
+        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft, a.experts)
 
 
 if __name__ == "__main__":

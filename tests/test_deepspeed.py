@@ -91,16 +91,27 @@ def test_moe_param_groups_put_experts_in_their_moe_group_and_check_catches_a_reu
 # ---------------------------------------------------------------- 2 processes, gloo, CPU
 
 
-def _launch(out: Path, *args: str, launcher: str = "torchrun", ds_config: str = "zero2_fp32", ep_size: int = 2) -> None:
+def _run_launcher(out: Path, *args: str, launcher: str, ds_config: str, ep_size: int) -> subprocess.CompletedProcess:
     """2 processes through pipelines/launch/moe-tune.sh with the worker as its entry point."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": sys.executable,
            "ENTRY": str(WORKER), "LAUNCHER": launcher, "GPUS_PER_NODE": "2", "EP_SIZE": str(ep_size),
            "DS_CONFIG": ds_config, "MASTER_PORT": str(_free_port())}
-    cmd = ["bash", str(LAUNCH / "moe-tune.sh"), str(out), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(["bash", str(LAUNCH / "moe-tune.sh"), str(out), *args], env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def _launch(out: Path, *args: str, launcher: str = "torchrun", ds_config: str = "zero2_fp32", ep_size: int = 2) -> None:
+    proc = _run_launcher(out, *args, launcher=launcher, ds_config=ds_config, ep_size=ep_size)
     if proc.returncode:
-        pytest.fail(f"{' '.join(cmd)} ({launcher}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"{' '.join(proc.args)} ({launcher}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def _launch_expect_failure(out: Path, *args: str, ep_size: int = 2) -> str:
+    """Like `_launch`, for a run that must fail: returns its output."""
+    proc = _run_launcher(out, *args, launcher="torchrun", ds_config="zero2_fp32", ep_size=ep_size)
+    assert proc.returncode != 0, "the run was expected to fail"
+    return proc.stdout + proc.stderr
 
 
 def _free_port() -> int:
@@ -214,3 +225,52 @@ def test_esft_masks_hold_under_expert_parallelism(tmp_path):
                     torch.testing.assert_close(value[row], ref[name][e], rtol=1e-3, atol=5e-5)
                 else:
                     assert torch.equal(value[row], init[name][row]), f"unselected expert {e} of layer {layer} moved on rank {r}"
+
+
+def _consolidated(out: Path, ep_size: int) -> dict[str, torch.Tensor]:
+    """The run's final weights with every expert shard put back in order (the full E experts)."""
+    ranks = [load_file(str(out / f"rank{r}-final.safetensors")) for r in range(2)]
+    if ep_size == 1:
+        return ranks[0]
+    return {n: torch.cat([ranks[0][n], ranks[1][n]]) if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+            else ranks[0][n] for n in ranks[0]}
+
+
+@pytest.mark.slow
+def test_resume_across_expert_parallel_sizes_continues_the_uninterrupted_run(tmp_path):
+    """Written at ep_size=2, resumed at 1; written at 1, resumed at 2: the losses continue the
+    uninterrupted ep_size=2 run (AdamW moments included: without them step 3 would differ), and the
+    consolidated weights are the same whatever layout wrote them."""
+    straight = tmp_path / "straight"
+    _launch(straight, "--steps", "6", "--ckpt-every", "2", ep_size=2)
+    losses = [r["losses"] for r in _ranks(straight)]
+
+    to_one = tmp_path / "to-one"  # ep_size=2's step-2 checkpoint, resumed at ep_size=1 (writes steps 4, 6 at 1)
+    shutil.copytree(straight / "checkpoints" / "step-00000002", to_one / "checkpoints" / "step-00000002")
+    _launch(to_one, "--steps", "6", "--ckpt-every", "2", "--resume", ep_size=1)
+    assert [(r["ep_size"], r["dp_world_size"]) for r in _ranks(to_one)] == [(1, 2), (1, 2)]
+    for r, rank in enumerate(_ranks(to_one)):
+        assert rank["losses"] == pytest.approx(losses[r][2:], abs=1e-5), f"rank {r}: 2 -> 1 resumed losses differ"
+
+    to_two = tmp_path / "to-two"  # ep_size=1's step-4 checkpoint, resumed at ep_size=2
+    shutil.copytree(to_one / "checkpoints" / "step-00000004", to_two / "checkpoints" / "step-00000004")
+    _launch(to_two, "--steps", "6", "--ckpt-every", "0", "--resume", ep_size=2)
+    for r, rank in enumerate(_ranks(to_two)):
+        assert rank["losses"] == pytest.approx(losses[r][4:], abs=1e-5), f"rank {r}: 1 -> 2 resumed losses differ"
+
+    final = _consolidated(straight, 2)
+    for other in (_consolidated(to_one, 1), _consolidated(to_two, 2)):
+        assert other.keys() == final.keys()
+        for name, value in final.items():
+            torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_resume_with_other_experts_names_both_counts(tmp_path):
+    """A checkpoint of 4 experts resumed into a model of 8 (at another ep_size): refused, naming both."""
+    out = tmp_path / "run"
+    _launch(out, "--steps", "2", "--ckpt-every", "2", ep_size=2)
+    other = tmp_path / "other"
+    shutil.copytree(out / "checkpoints" / "step-00000002", other / "checkpoints" / "step-00000002")
+    env_fail = _launch_expect_failure(other, "--steps", "4", "--ckpt-every", "2", "--resume", "--experts", "8", ep_size=1)
+    assert "4 experts" in env_fail and "8" in env_fail, env_fail[-2000:]
