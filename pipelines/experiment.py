@@ -40,6 +40,7 @@ Layout (OUT: the experiment's directory; STORE: the stage store, shareable betwe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -623,8 +624,6 @@ def _stored_bytes(output: Path) -> int:
 
 def _routing_override(model, inference: Mapping[str, Any] | None):
     """`override_routing` on the model's language model, or nothing."""
-    import contextlib
-
     if not inference:
         return contextlib.nullcontext()
     from zoo.inference.overrides import override_routing
@@ -687,6 +686,46 @@ class RunResult:
     error: str | None = None
 
 
+@contextlib.contextmanager
+def _stage_lock(stage_dir: Path, name: str):
+    """Hold `stage_dir/lock` (this process's pid) while the stage runs, so that two experiments
+    sharing a store never train the same stage at once; a lock left by a killed process is taken over.
+
+    Raises:
+        RuntimeError: a live process holds the lock.
+    """
+    lock = stage_dir / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise RuntimeError(f"stage {name!r} ({stage_dir}) is being run by process {pid}; run this "
+                                   "experiment after it ends (or remove the lock if that process is not ours)") from None
+            lock.unlink(missing_ok=True)  # stale: its process was killed
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _Runner:
     """Runs planned stages into the store, once each, and measures the outputs."""
 
@@ -744,7 +783,8 @@ class _Runner:
         t0 = time.perf_counter()
         torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
         try:
-            outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
+            with _stage_lock(stage_dir, stage.name):
+                outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
         except Exception as e:
             self.failed[key] = f"{type(e).__name__}: {e}"
             raise

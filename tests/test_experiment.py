@@ -262,3 +262,20 @@ def test_every_shipped_study_runs_end_to_end_at_two_steps(study, tmp_path_factor
     if study == "esft":  # ESFT trains the selected experts' rows only: fewer than the MoE's expert tensors
         trained = {v: report["variants"][v]["vqa"]["trainable_params"]["mean"] for v in exp.variants}
         assert 0 < trained["esft"] < trained["full"]
+
+
+def test_a_stage_locked_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    from zoo.pipelines.experiment import _stage_lock
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "lock").write_text(str(sleeper.pid))
+        with pytest.raises(RuntimeError, match=f"stage 'tune' .* is being run by process {sleeper.pid}"):
+            with _stage_lock(tmp_path, "tune"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with _stage_lock(tmp_path, "tune"):  # its holder is gone
+        assert (tmp_path / "lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "lock").exists()
