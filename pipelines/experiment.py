@@ -33,7 +33,8 @@ Layout (OUT: the experiment's directory; STORE: the stage store, shareable betwe
     STORE/data-<key>/                  the built data (one per data config)
     STORE/tokenizer-<key>/tokenizer/   the tokenizer (one per data config, families and vocabulary)
     STORE/features/                    the frozen-encoder feature cache
-    STORE/stage-<key>/                 one stage's outputs (`<stage>/...` layout), done.json, measure-*.json
+    STORE/stage-<key>/                 one stage: model/ (or <family>/model/ per family), train/,
+                                       done.json, measure-<key>.json (its measurements), lock
     OUT/runs/<variant>/seed-<s>/       a run directory: symlinks to the above
     OUT/results.json, results.md, results.png
 """
