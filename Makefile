@@ -32,7 +32,4 @@ bench: setup
 EXPERIMENTS ?= moe-vs-dense topp-vs-topk null-experts smoe-dropout upcycling esft lora-adapters
 EXPERIMENTS_OUT ?= runs/experiments
 experiments: setup
-	@status=0; for e in $(EXPERIMENTS); do \
-	  $(VENV)/bin/zoo experiment configs/experiments/$$e.yaml --out $(EXPERIMENTS_OUT)/$$e \
-	    --store $(EXPERIMENTS_OUT)/store || status=1; \
-	done; exit $$status
+	$(VENV)/bin/zoo experiment $(EXPERIMENTS:%=configs/experiments/%.yaml) --out $(EXPERIMENTS_OUT)

@@ -3,7 +3,7 @@
     zoo build NAME[@VERSION] [--force] [--resume]
     zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed] ...
     zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
-    zoo experiment EXPERIMENT [--out DIR] [--store DIR] [--variant V ...] [--seeds 0,1,2]
+    zoo experiment EXPERIMENT [EXPERIMENT ...] [--out ROOT] [--store DIR] [--variant V ...] [--seeds 0,1,2] [--dry-run]
 
 RECIPE is a recipe file or the name of a shipped one (`tiny-zoo`, `micro`). CHECKPOINT is a model
 directory (a recipe output, an installed checkpoint) or a card name. Bad input ends with one line
@@ -85,21 +85,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from zoo.io.hub import zoo_home
-    from zoo.pipelines.experiment import ExperimentConfig, run_experiment
+    from zoo.pipelines.experiment import ExperimentConfig, plan, plan_budget, run_experiment
 
-    exp = ExperimentConfig.load(args.experiment)
+    exps = [ExperimentConfig.load(e) for e in args.experiment]
     seeds = None
     if args.seeds is not None:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    out = Path(args.out) if args.out else zoo_home() / "experiments" / exp.name
-    report = run_experiment(exp, out, store=args.store, variants=args.variant, seeds=seeds)
-    print(f"{out / 'results.md'} ({report['executed_stages']} stages run, {report['reused_stages']} reused)")
-    for f in report["failures"]:
-        print(f"zoo: error: run {f['variant']} seed {f['seed']} failed: {f['error']}", file=sys.stderr)
-    return 1 if report["failures"] else 0
+    if args.variant and len(exps) > 1:
+        raise ValueError("--variant names variants of one experiment; give one experiment with it")
+    root = Path(args.out) if args.out else zoo_home() / "experiments"
+    store = Path(args.store) if args.store else root / "store"
+    plans = {e.name: plan(e, variants=args.variant, seeds=seeds) for e in exps}  # every config's errors first
+    if args.dry_run:
+        limits = {e.name: e.eval.limit for e in exps}
+        for e in exps:
+            b = plan_budget({e.name: plans[e.name]}, store, limits)
+            print(f"{e.name}: {len(plans[e.name])} runs, {b['stages']} stages ({b['stages_done']} done), "
+                  f"{b['steps']} steps to train, {b['measurements']} measurements (<= {b['answers']} answers)")
+        if len(exps) > 1:
+            b = plan_budget(plans, store, limits)
+            print(f"all, sharing {store}: {b['stages']} stages ({b['stages_done']} done), {b['steps']} steps to train, "
+                  f"{b['measurements']} measurements (<= {b['answers']} answers)")
+        return 0
+    failed = 0
+    for e in exps:
+        report = run_experiment(e, root / e.name, store=store, variants=args.variant, seeds=seeds)
+        print(f"{root / e.name / 'results.md'} ({report['executed_stages']} stages run, {report['reused_stages']} reused)")
+        for f in report["failures"]:
+            print(f"zoo: error: {e.name}: run {f['variant']} seed {f['seed']} failed: {f['error']}", file=sys.stderr)
+        failed += bool(report["failures"])
+    return 1 if failed else 0
 
 
 def add_training_commands(sub) -> None:
@@ -134,12 +152,13 @@ def add_training_commands(sub) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("experiment", help="run a recipe's variants x seeds and report means with 95%% intervals")
-    s.add_argument("experiment", help="an experiment YAML file or a shipped experiment name (configs/experiments/)")
-    s.add_argument("--out", help="experiment directory (default: $ZOO_HOME/experiments/<name>)")
-    s.add_argument("--store", help="stage store shared between experiments (default: OUT/store)")
+    s = sub.add_parser("experiment", help="run recipes' variants x seeds and report means with 95%% intervals")
+    s.add_argument("experiment", nargs="+", help="experiment YAML files or shipped experiment names (configs/experiments/)")
+    s.add_argument("--out", help="experiments root: OUT/<name>/results.md (default: $ZOO_HOME/experiments)")
+    s.add_argument("--store", help="stage store the experiments share (default: OUT/store)")
     s.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     s.add_argument("--seeds", help="run only these seeds (comma-separated)")
+    s.add_argument("--dry-run", action="store_true", help="print the runs, stages and steps to train; train nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_experiment)
 

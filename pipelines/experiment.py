@@ -833,6 +833,44 @@ class _Runner:
         return result
 
 
+def plan_budget(plans: Mapping[str, list[RunPlan]], store: str | os.PathLike, limits: Mapping[str, int | None]) -> dict:
+    """What running planned experiments into one store costs: stages, optimizer steps, answers to generate.
+
+    Stages and measurements are counted once however many runs and experiments share them; those
+    already done in `store` are counted apart.
+
+    Args:
+        plans: experiment name -> its planned runs.
+        store: the stage store.
+        limits: experiment name -> its `eval.limit` (test answers per family; None: all).
+
+    Returns:
+        `{"stages", "stages_done", "steps", "measurements", "answers"}`: distinct stages and those
+        already done; the main-loop optimizer steps still to train (times the branches of a
+        per-family stage; what a stage trains in its hooks, e.g. specialize's FFN copies, is not
+        counted); distinct measurements; at most this many generated test answers (an eval without
+        a limit counts 0).
+    """
+    store = Path(store)
+    stages: dict[str, int] = {}
+    done: set[str] = set()
+    measured: dict[tuple, int] = {}
+    for name, runs in plans.items():
+        for r in runs:
+            for i in r.chain:
+                st = r.recipe.stages[i]
+                key = r.keys[st.name]
+                stages[key] = st.train.steps * len(st.stage().branches(st))
+                if (store / f"stage-{key}" / "done.json").is_file():
+                    done.add(key)
+            st = r.measured
+            families = [f for b in st.stage().branches(st) for f in b.data if f != "corpus"]
+            limit = limits.get(name)
+            measured[(r.keys[st.name], json.dumps(r.inference, sort_keys=True), limit)] = len(families) * (limit or 0)
+    return {"stages": len(stages), "stages_done": len(done), "steps": sum(v for k, v in stages.items() if k not in done),
+            "measurements": len(measured), "answers": sum(measured.values())}
+
+
 def run_experiment(
     exp: ExperimentConfig,
     out_dir: str | os.PathLike,
@@ -1067,6 +1105,6 @@ def write_reports(exp: ExperimentConfig, report: dict, out_dir: Path) -> None:
     plot_results(report, out_dir / "results.png")
 
 
-__all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor",
+__all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor", "plan_budget",
            "measure_output", "plan", "recipe_paths", "results_markdown", "routing_cost", "run_experiment",
            "seeded_recipe_dict", "summarize", "write_reports"]

@@ -178,8 +178,7 @@ def test_resume_after_sigkill_skips_finished_stages_and_matches_the_uninterrupte
     out, report = micro_experiment
     for built in [*(out / "store").glob("data-*"), *(out / "store").glob("tokenizer-*")]:  # the data, not the stages
         shutil.copytree(built, tmp_path / "store" / built.name)
-    cmd = [sys.executable, "-m", "zoo.pipelines.cli", "experiment", str(MICRO), "--out", str(tmp_path / "micro"),
-           "--store", str(tmp_path / "store"), "--quiet"]
+    cmd = [sys.executable, "-m", "zoo.pipelines.cli", "experiment", str(MICRO), "--out", str(tmp_path), "--quiet"]  # store: OUT/store
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}  # as this process
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -279,3 +278,13 @@ def test_a_stage_locked_by_a_live_process_is_refused_and_a_stale_lock_taken_over
     with _stage_lock(tmp_path, "tune"):  # its holder is gone
         assert (tmp_path / "lock").read_text() == str(os.getpid())
     assert not (tmp_path / "lock").exists()
+
+
+def test_dry_run_counts_shared_stages_once(tmp_path, capsys):
+    from zoo.pipelines.cli import main
+
+    assert main(["experiment", str(MICRO), "--out", str(tmp_path), "--dry-run"]) == 0
+    # 3 seeds x (3 shared stages of 3 + 2 + 2 steps + 2 moe-tune variants of 2 steps), 3 families x 4 answers
+    assert capsys.readouterr().out.strip() == ("micro: 6 runs, 15 stages (0 done), 33 steps to train, "
+                                               "6 measurements (<= 72 answers)")
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
