@@ -102,3 +102,21 @@ def test_placeholder_outside_vocab_is_refused():
     cfg.image_token_id = 5000
     with pytest.raises(ValueError, match=r"<image> token id 5000 is outside the LM vocabulary \(1024\)"):
         build_model(cfg)
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_with_its_stage_options_checked(path):
+    """A shipped recipe parses, names its model, and every stage's kind builds with its options."""
+    from zoo.pipelines.stages import RecipeConfig
+
+    recipe = RecipeConfig.load(path)
+    assert recipe.name == path.stem and recipe.stages
+    names = [s.name for s in recipe.stages]
+    assert len(set(names)) == len(names), f"{path.name}: duplicate stage names {names}"
+    for stage in recipe.stages:
+        stage.stage()  # unknown kind or option: an error naming it
+        if stage.start_from:
+            assert stage.start_from in names[:names.index(stage.name)], f"{stage.name} starts from a later/unknown stage"
