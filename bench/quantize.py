@@ -11,9 +11,10 @@ Three parts, each printed side by side in one run (runs interleaved, medians):
    importable): int4 relative weight error and bytes per weight of per-channel, fixed groups and
    adaptive granularity, matrix by matrix: does the adaptive choice help?
 4. cards: for each installed tiny-zoo card (`$ZOO_HOME`), expert weight bytes, greedy decode
-   ms/token of the whole model (a 29-token prompt, 32 new tokens, prefill excluded: time of 33
-   new tokens minus time of 1, over 32), logit drift on that prompt and, with `--eval`, the card's
-   `zoo eval` figures on the quantized checkpoints written under `--out`.
+   ms/token of the whole model (a ~29-token prompt, 32 new tokens, prefill excluded: time of 33
+   new tokens minus time of 1, over 32), the experts' relative weight error, the relative logit
+   drift over every position of 4 text prompts and, with `--eval`, the card's `zoo eval` figures
+   on the quantized checkpoints written under `--out`.
 
     python bench/quantize.py                                  # parts 1-2 (+3 if cards are installed)
     python bench/quantize.py --eval --limit 200 --out /tmp/q  # + eval figures through `zoo eval`
@@ -143,20 +144,55 @@ def bench_real_weights(threshold: float, min_group_size: int) -> None:
     print("  mean error        " + " ".join(f"{totals[g][0]:>15.3f}" for g in [*groups, "adaptive"]))
 
 
-def decode_ms_per_token(model, processor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    prompt = processor.apply_chat_template([{"role": "user", "content": "Which category does this describe: a small "
-                                             "domestic animal that purrs?"}], add_generation_prompt=True)
-    batch = processor(prompt)
-    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    pad = processor.tokenizer.pad_token_id
+PROMPTS = ["Which category does this describe: a small domestic animal that purrs?",
+           "Which category does this describe: a tall plant with a woody trunk?",
+           "Which category does this describe: the act of running quickly?",
+           "Which category does this describe: a feeling of great happiness?"]
 
-    def gen(n):
-        return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
 
+def _batch(processor, text: str) -> dict:
+    prompt = processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return {k: v for k, v in processor(prompt).items() if k in ("input_ids", "attention_mask")}
+
+
+def decode_ms_per_token(models: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Greedy decode ms per new token of each `(model, processor)`, all calls interleaved."""
+    fns = {}
+    for name, (model, processor) in models.items():
+        batch = _batch(processor, PROMPTS[0])
+        pad = processor.tokenizer.pad_token_id
+
+        def gen(n, model=model, batch=batch, pad=pad):
+            return model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+        fns[(name, "long")] = lambda gen=gen: gen(new_tokens + 1)
+        fns[(name, "short")] = lambda gen=gen: gen(1)
     with torch.no_grad():
-        ms = compare({"long": lambda: gen(new_tokens + 1), "short": lambda: gen(1)}, repeats)
-        logits = model(**batch).logits[0, -1]
-    return (ms["long"] - ms["short"]) / new_tokens, logits
+        ms = compare(fns, repeats)
+    return {name: (ms[(name, "long")] - ms[(name, "short")]) / new_tokens for name in models}
+
+
+def prompt_logits(model, processor) -> torch.Tensor:
+    """Logits at every position of the bench prompts, `[sum of lengths, V]`."""
+    with torch.no_grad():
+        return torch.cat([model(**_batch(processor, text)).logits[0] for text in PROMPTS])
+
+
+def expert_weight_error(model, reference_model) -> float:
+    """`||W_q - W|| / ||W||` over all stacked expert weights (the dequantized codes against the float ones)."""
+    from zoo.moe.quantized import QuantizedExperts
+    from zoo.transforms.quantize import expert_modules
+
+    num = den = 0.0
+    floats = expert_modules(reference_model)
+    for path, q in expert_modules(model).items():
+        if not isinstance(q, QuantizedExperts):
+            return 0.0
+        deq, ref = q.dequantized(), floats[path]
+        for name in (q.in_proj, q.out_proj):
+            num += (getattr(deq, name) - getattr(ref, name)).double().pow(2).sum().item()
+            den += getattr(ref, name).double().pow(2).sum().item()
+    return (num / den) ** 0.5
 
 
 def bench_cards(args) -> None:
@@ -182,20 +218,18 @@ def bench_cards(args) -> None:
                                             overwrite=True)[0]
         models = {name: load_directory(d)[:2] for name, d in dirs.items()}
         print(f"\n  {card.name} ({src})")
-        ref_logits = None
-        rows = {}
+        float_model, float_processor = models["fp32"]
+        ref_logits = prompt_logits(float_model, float_processor)
+        ms = decode_ms_per_token(models, 32, args.repeats)
         for name, (model, processor) in models.items():
             b = expert_weight_bytes(model)
             held = b["float32"] if name == "fp32" else b["codes"] + b["scales"]
-            ms, logits = decode_ms_per_token(model, processor, 32, args.repeats)
-            ref_logits = logits if ref_logits is None else ref_logits
-            drift = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+            drift = ((prompt_logits(model, processor) - ref_logits).norm() / ref_logits.norm()).item()
             cfg = json.loads((Path(dirs[name]) / "config.json").read_text())["model"].get("quantization") or {}
             groups = sorted({tuple(g) for g in cfg.get("group_sizes", {}).values()})
-            rows[name] = (held, ms, drift, groups)
-        for name, (held, ms, drift, groups) in rows.items():
-            print(f"    {name:14s} expert weights {held:>10,} bytes ({held / rows['fp32'][0]:.3f})  decode {ms:7.3f} ms/token "
-                  f"({ms / rows['fp32'][1]:.2f}x)  logit drift {drift:.4f}" + (f"  groups in/out {groups}" if groups else ""))
+            print(f"    {name:14s} expert weights {held:>10,} bytes ({held / b['float32']:.3f}), weight error "
+                  f"{expert_weight_error(model, float_model):.4f}  decode {ms[name]:6.3f} ms/token ({ms[name] / ms['fp32']:.2f}x)"
+                  f"  logit drift {drift:.4f}" + (f"  groups in/out {groups}" if groups else ""))
         if args.eval:
             families = ["vqa", "asr", "text", "caption"] if card.task_family == "multitask" else [card.task_family]
             data = Path(os.environ.get("ZOO_HOME", Path.home() / ".cache" / "zoo")) / "runs" / Path(card.recipe).stem / "data"
