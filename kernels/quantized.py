@@ -13,10 +13,11 @@ expert matrix `[2048, 512]` and `[512, 128]`; `bench/quantize.py`, figures in be
 this path is the fastest correct one we found for each format, ahead of the dequantizing
 reference, of `torch.ops.aten._weight_int8pack_mm` (2-3x slower than this int8 path) and of
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (torchao's CPU int4 layout, 2-3x slower than this
-int4 path); `torch.compile` of dequantize + linear compiled for 73 s and ran no faster. All of
-them are slower than fp32 `F.linear` (int8 1.3-2.3x, int4 2.4-5.9x per matrix): on this CPU
-quantized experts save bytes, not time. There is no Triton kernel for quantized experts; CUDA
-runs this path too (not measured: no GPU here).
+int4 path); `torch.compile` of dequantize + linear compiled for 73 s and ran no faster. Against
+fp32 `F.linear`: at `[2048, 512]` (weights larger than the caches) this int8 path ran 0.6-0.9x
+fp32's time and int4 1.3-1.6x; at `[512, 128]` per-op overhead dominates (int8 1.7-2.3x, int4
+4-6x per matrix, about 1.0x / 1.6x for a whole MoE layer). There is no Triton kernel for
+quantized experts; CUDA runs this path too (not measured: no GPU here).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ stacked projection (all E experts of one layer's `gate_up_proj` share a group si
 halve the group g while the mean over all groups of `min / max` of the absmax of the two halves a
 split would make is below `threshold` (a half much quieter than its neighbour is quantized with a
 step its neighbour's outlier set), and while g / 2 >= `min_group_size` (and stays even for int4).
+Measured (bench/RESULTS.md): on trained weights (the tiny zoo's experts, MiniLM's FFNs) the
+half-range ratios are 0.75-0.87 at every level, so it keeps per-channel scales, which fixed groups
+of 32-128 beat in error at a few percent more bytes; it pays off only on outlier-dominated matrices.
 """
 
 from __future__ import annotations
