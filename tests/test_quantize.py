@@ -81,6 +81,16 @@ def test_quantized_layer_equals_a_float64_dequantized_reference(kind, options, b
     torch.testing.assert_close(q.expert(2)(x[1]), out[1] / weights[1, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", EXPERTS.names())
+def test_every_registered_expert_kind_quantizes(kind, bits):
+    """Registry-driven: a new expert kind is quantized and checked against float64 with no edit here."""
+    q = QuantizedExperts.from_float(_experts(kind, dict(EXPERTS.entry(kind).example)), bits, (16, 16))
+    x, weights = torch.randn(5, D), torch.rand(5, 2)
+    indices = torch.tensor([[0, 3], [1, -1], [2, 2], [3, 0], [-1, 1]])
+    torch.testing.assert_close(q(x, weights, indices).double(), _expected64(q, x, weights, indices), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 8), (4, 16), (4, None)])
 def test_quantizer_error_is_at_most_half_a_step_and_int4_packs_two_codes_per_byte(bits, group):
     w = torch.randn(3, 10, 32) * torch.logspace(-3, 1, 32)  # inputs of very different ranges
