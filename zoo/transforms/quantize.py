@@ -7,9 +7,9 @@
 `build_model(cfg)` rebuilds the same structure. Attention, embeddings, routers, norms, shared
 experts, connectors (the Parrot projector's experts included) and LoRA experts stay as they are.
 
-FineQuant's adaptive granularity (Section 3 of the paper) starts from column-wise quantization and
-halves a matrix's groups while the ranges within them are dominated by outliers; the paper states
-the idea and leaves the test and its threshold to the implementation. Our choice, stated: per
+FineQuant's adaptive granularity starts from column-wise quantization and halves a matrix's
+groups while the ranges within them are dominated by outliers, using the weights alone. The exact
+test and threshold are ours (we could not pin the paper's down), stated: per
 stacked projection (all E experts of one layer's `gate_up_proj` share a group size, so they stack),
 halve the group g while the mean over all groups of `min / max` of the absmax of the two halves a
 split would make is below `threshold` (a half much quieter than its neighbour is quantized with a
