@@ -180,13 +180,14 @@ def moe_mlp(
 # The format: symmetric absmax quantization of each weight matrix `[N, K]` (N outputs, K inputs) in
 # groups of `g` consecutive inputs of one output row (g = K: one scale per output channel). A group
 # with absmax a has scale `s = a / qmax` (qmax = 127 for int8, 7 for int4) and codes
-# `round(w / s)`, so `|w - s * code| <= s / 2`. FineQuant leaves the zero point out (symmetric) and
-# so do we; int4 codes use the 15 levels -7..7. int8 codes are stored as int8 `[N, K]`; int4 codes
-# two per byte as uint8 `[N, K/2]`: byte j of a row holds column j in its low nibble and column
-# j + K/2 in its high nibble, both offset by 8 (0..15). That layout (halves, not neighbours) is
-# chosen because it unpacks into a preallocated float row with two strided writes, measured 4.6x
-# faster on our CPU than interleaving neighbours (0.16 vs 0.75 ms for a 2048 x 512 matrix). Scales
-# are float32 `[N, K/g]`.
+# `round(w / s)`, so `|w - s * code| <= s / 2`. Symmetric, with no zero point (our choice: one
+# scale per group is all the format stores); int4 codes use the 15 levels -7..7. int8 codes are
+# stored as int8 `[N, K]`; int4 codes two per byte as uint8 `[N, K/2]`: byte j of a row holds
+# column j in its low nibble and column j + K/2 in its high nibble, both offset by 8 (0..15). That
+# layout (halves, not neighbours) is chosen because it unpacks into a preallocated float row with
+# two strided writes, measured 4.6x faster on our CPU than interleaving neighbours (0.16 vs 0.75 ms
+# for a 2048 x 512 matrix). Scales are computed in float32 `[N, K/g]` (`QuantizedExperts` stores
+# them in the float weights' dtype).
 
 QUANT_BITS = (4, 8)
 
