@@ -42,7 +42,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo.moe.expert_parallel import expert_group_name, is_expert_param, shard_experts
+from zoo.moe.expert_parallel import GRAD_ROWS, expert_group_name, is_expert_param, shard_experts
 from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.layer import SparseMoE
 from zoo.pipelines.engine import NonFiniteError, StepResult
@@ -357,7 +357,7 @@ class DeepSpeedEngine:
             name = expert_group_name(ep_size)
             if name not in ds_groups._get_expert_parallel_group_dict():  # a later stage in the same process reuses them
                 ds_groups._create_expert_and_data_parallel(ep_size)
-            shard_experts(model, ds_groups._get_expert_parallel_group(name), group_name=name)
+            shard_experts(model, ds_groups._get_expert_parallel_group(name), group_name=name, only=moes)
             wrapped = _MarkedModel(model, _marker_class()(num_experts, ep_size, name))
             self.ep_rank = ds_groups._get_expert_parallel_rank(name)
             self._edp_rank = ds_groups._get_expert_data_parallel_rank(name)
@@ -384,7 +384,11 @@ class DeepSpeedEngine:
         self._expert_params = [(n, p) for n, p in named if is_expert_param(p)]
         self._shared_params = [(n, p) for n, p in named if not is_expert_param(p)]
         self._ep_group = ds_groups._get_expert_parallel_group(expert_group_name(ep_size)) if moes else None
-        self._pending_update_check = bool(self._expert_params)
+        # Expert parameters that must move in the first update: not those whose rows on this rank are
+        # all masked (ESFT selected none of them, MoExtend's old experts: `GRAD_ROWS`).
+        self._checked_experts = [(n, p) for n, p in self._expert_params
+                                 if getattr(p, GRAD_ROWS, None) is None or bool(getattr(p, GRAD_ROWS).any())]
+        self._pending_update_check = bool(self._checked_experts)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """No autocast: with bf16 DeepSpeed holds bf16 weights and fp32 master weights itself."""
@@ -435,7 +439,7 @@ class DeepSpeedEngine:
                 for _, p in self._shared_params + self._expert_params:
                     if p.grad is not None:
                         p.grad.mul_(clip / (norm.item() + 1e-6))
-        before = _fingerprint([p for _, p in self._expert_params]) if self._pending_update_check else None
+        before = _fingerprint([p for _, p in self._checked_experts]) if self._pending_update_check else None
         self.ds.step()
         if norm is None:
             value = self.ds.get_global_grad_norm()
@@ -448,11 +452,11 @@ class DeepSpeedEngine:
         return StepResult(float(norm), lr)
 
     def _check_experts_updated(self, before: torch.Tensor) -> None:
-        after = _fingerprint([p for _, p in self._expert_params])
+        after = _fingerprint([p for _, p in self._checked_experts])
         changed = (after != before).any(dim=1)
         self._pending_update_check = False
         if not bool(changed.any()):
-            names = [n for n, _ in self._expert_params]
+            names = [n for n, _ in self._checked_experts]
             raise RuntimeError(
                 f"rank {self.rank}: no trainable expert parameter changed in the first optimizer step ({names[:6]}...); "
                 "the experts are frozen: their optimizer param groups are misbuilt (e.g. a reused param-group dict "

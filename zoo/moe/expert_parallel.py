@@ -194,7 +194,8 @@ def _sparse_moes(model: nn.Module) -> list[tuple[str, SparseMoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *, group_name: str | None = None) -> nn.Module:
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *, group_name: str | None = None,
+                  only: list[SparseMoE] | None = None) -> nn.Module:
     """Shard the experts of every `SparseMoE` in `model` over `group` (in place).
 
     The model must be built identically on every rank of the group (same seed or same checkpoint):
@@ -212,9 +213,12 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *, g
     Raises:
         ValueError: the model has no `SparseMoE`, a layer's experts are not `SwiGLUExperts`
             (e.g. already sharded), or the group size does not divide the expert count.
+        only: shard these layers only (default: every `SparseMoE`).
         RuntimeError: torch.distributed is not initialized.
     """
     layers = _sparse_moes(model)
+    if only is not None:  # e.g. the LM's trainable SwiGLU layers; the rest (a vision tower's MoE) stay replicated
+        layers = [(n, m) for n, m in layers if any(m is o for o in only)]
     if not layers:
         raise ValueError(f"shard_experts: {type(model).__name__} contains no SparseMoE layer to shard")
     for name, moe in layers:
