@@ -4,6 +4,7 @@
     zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed] ...
     zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
     zoo experiment EXPERIMENT [EXPERIMENT ...] [--out ROOT] [--store DIR] [--variant V ...] [--seeds 0,1,2] [--dry-run]
+    zoo report RESULTS [RESULTS ...] [--readme README.md] [--results bench/RESULTS.md] [--cards model_cards]
 
 RECIPE is a recipe file or the name of a shipped one (`tiny-zoo`, `micro`). CHECKPOINT is a model
 directory (a recipe output, an installed checkpoint) or a card name. Bad input ends with one line
@@ -120,6 +121,29 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from zoo.pipelines.experiment_publish import cards_markdown, claims_markdown, load_reports, publish_cards, replace_section, studies_markdown
+
+    reports = load_reports(args.results)
+    flags = "".join(f" --{k} {v}" for k, v in (("readme", args.readme), ("results", args.results_md), ("cards", args.cards)) if v)
+    command = f"zoo report {' '.join(args.results)}{flags}"
+    claims = claims_markdown(reports, command)
+    if not (args.readme or args.results_md or args.cards):
+        print(claims, end="")
+    if args.readme:
+        print(f"{args.readme}: claims section {'rewritten' if replace_section(args.readme, 'claims', claims) else 'unchanged'}")
+    if args.results_md:
+        changed = replace_section(args.results_md, "studies", studies_markdown(reports, command))
+        print(f"{args.results_md}: studies section {'rewritten' if changed else 'unchanged'}")
+    if args.cards:
+        for path in publish_cards(reports, args.cards):
+            print(f"{path}: figures over seeds written")
+        if args.readme:
+            changed = replace_section(args.readme, "cards", cards_markdown(args.cards, command))
+            print(f"{args.readme}: cards section {'rewritten' if changed else 'unchanged'}")
+    return 0
+
+
 def add_training_commands(sub) -> None:
     """Add `build`, `train`, `eval` and `experiment` to the `zoo` subparsers."""
     s = sub.add_parser("build", help="run a card's recipe and install its checkpoint under $ZOO_HOME/models")
@@ -161,6 +185,13 @@ def add_training_commands(sub) -> None:
     s.add_argument("--dry-run", action="store_true", help="print the runs, stages and steps to train; train nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_experiment)
+
+    s = sub.add_parser("report", help="publish experiments: the README's claims, RESULTS.md's tables, card figures over seeds")
+    s.add_argument("results", nargs="+", help="results.json files or folders holding <study>/results.json")
+    s.add_argument("--readme", help="rewrite this file's `<!-- zoo report: claims begin/end -->` section")
+    s.add_argument("--results", dest="results_md", help="rewrite this file's `<!-- zoo report: studies begin/end -->` section")
+    s.add_argument("--cards", help="write mean and interval into the cards (in this folder) the experiments measured")
+    s.set_defaults(func=cmd_report)
 
 
 def make_full_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@
 pretrain-lm -> align -> specialize -> moe-tune -> per-family LoRA, each output evaluated on its
 held-out test split) and installs one versioned checkpoint per task family with its card. Then
 every card is loaded back with `zoo.load`, asked one held-out question, and its measured metrics
-are printed next to the majority-answer baseline. A second run finds the zoo built and only loads.
+are printed next to the majority-answer baseline and the card's published figure (mean and 95%
+interval over seeds, `zoo experiment configs/experiments/tiny-zoo.yaml`), saying whether this
+build falls inside it. A second run finds the zoo built and only loads.
 
     python -m zoo.pipelines.demo [--rebuild]
 """
@@ -48,18 +50,31 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = zoo.load(card.name, card.version, cards_dir=a.cards_dir)
         metrics = {m["name"]: m for m in read_card(install_dir(card))["metrics"]}  # measured by the build
         example = _ask(model, processor, card.task_family, zoo_home() / "runs" / Path(card.recipe).stem / "data")
+        published = {m.name: m for m in card.metrics}  # the card's: mean and interval over seeds
         for name, m in metrics.items():
             if not name.endswith("majority_baseline"):
                 base = metrics.get(name.split("/")[0] + "/majority_baseline", {}).get("value")
-                rows.append((card.ref, name, m["value"], base, m.get("dataset", ""), example))
-    print(f"\n{'model':<24} {'metric':<22} {'value':>6} {'baseline':>8}  measured on")
-    for ref, name, value, base, dataset, _ in rows:
-        print(f"{ref:<24} {name:<22} {value:6.3f} {base if base is not None else float('nan'):8.3f}  {dataset}")
+                rows.append((card.ref, name, m["value"], base, _published(published.get(name), m["value"]),
+                             m.get("dataset", ""), example))
+    print(f"\n{'model':<24} {'metric':<22} {'value':>6} {'baseline':>8}  {'published (card)':<32} measured on")
+    for ref, name, value, base, pub, dataset, _ in rows:
+        print(f"{ref:<24} {name:<22} {value:6.3f} {base if base is not None else float('nan'):8.3f}  {pub:<32} {dataset}")
     print("\none held-out example per model (loaded with zoo.load):")
-    for ref, example in dict((r[0], r[5]) for r in rows).items():
+    for ref, example in dict((r[0], r[6]) for r in rows).items():
         print(f"  {ref:<24} {example}")
     print(f"\nexpert load by task family (PNG): {zoo_home() / 'runs' / Path(cards[0].recipe).stem}/*/expert_load.png")
     print(f"total {time.time() - t0:.0f}s")
+
+
+def _published(metric, value: float) -> str:
+    """The card's figure for this metric and whether this build's `value` lies in its interval."""
+    if metric is None:
+        return "–"
+    if metric.interval is None:
+        return f"{metric.value:.3f} (one build)"
+    lo, hi = metric.interval
+    where = "inside" if metric.inside(value) else ("below" if value < lo else "above")
+    return f"{metric.value:.3f} [{lo:.3f}, {hi:.3f}] {where}"
 
 
 def _ask(model, processor, family: str, data_dir: Path) -> str:

@@ -294,8 +294,8 @@ def apply_overrides(recipe: dict, overrides: Mapping[str, Any], where: str) -> d
     return out
 
 
-def base_recipe_dict(exp: ExperimentConfig) -> dict:
-    """The experiment's recipe as a raw dict: the file, `only` stages kept, `extend` appended, `overrides` applied."""
+def recipe_path(exp: ExperimentConfig) -> Path:
+    """The experiment's recipe file (a path, or a shipped recipe's name)."""
     from zoo.resources import config_path
 
     p = Path(exp.recipe)
@@ -303,6 +303,12 @@ def base_recipe_dict(exp: ExperimentConfig) -> dict:
         p = config_path("recipes", exp.recipe, ".yaml")
     if not p.is_file():
         raise FileNotFoundError(f"experiment {exp.name!r}: recipe {exp.recipe!r} does not exist")
+    return p.resolve()
+
+
+def base_recipe_dict(exp: ExperimentConfig) -> dict:
+    """The experiment's recipe as a raw dict: the file, `only` stages kept, `extend` appended, `overrides` applied."""
+    p = recipe_path(exp)
     raw = yaml.safe_load(p.read_text())
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
         raise ValueError(f"experiment {exp.name!r}: recipe {str(p)!r} is not a recipe mapping with `stages`")
@@ -688,14 +694,23 @@ class RunResult:
 
 
 @contextlib.contextmanager
-def _stage_lock(stage_dir: Path, name: str):
+def _stage_lock(stage_dir: Path, name: str, wait_s: float | None = None, poll_s: float = 2.0, on_wait=None):
     """Hold `stage_dir/lock` (this process's pid) while the stage runs, so that two experiments
     sharing a store never train the same stage at once; a lock left by a killed process is taken over.
 
+    Args:
+        stage_dir: the stage's store directory.
+        name: the stage's name (for messages).
+        wait_s: how long to wait for a live holder (None: until it ends; 0: refuse at once).
+        poll_s: seconds between checks of the holder.
+        on_wait: called once with the holder's pid when this process starts waiting.
+
     Raises:
-        RuntimeError: a live process holds the lock.
+        RuntimeError: a live process still holds the lock after `wait_s`.
     """
     lock = stage_dir / "lock"
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    waiting = False
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -706,8 +721,14 @@ def _stage_lock(stage_dir: Path, name: str):
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise RuntimeError(f"stage {name!r} ({stage_dir}) is being run by process {pid}; run this "
-                                   "experiment after it ends (or remove the lock if that process is not ours)") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RuntimeError(f"stage {name!r} ({stage_dir}) is being run by process {pid}; run this "
+                                       "experiment after it ends (or remove the lock if that process is not ours)") from None
+                if not waiting and on_wait is not None:
+                    on_wait(pid)
+                waiting = True
+                time.sleep(poll_s)
+                continue
             lock.unlink(missing_ok=True)  # stale: its process was killed
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
@@ -744,7 +765,10 @@ class _Runner:
         if run.tokenizer_key not in self.prepared:
             data_dir = self.store / f"data-{run.data_key}"
             tok_root = self.store / f"tokenizer-{run.tokenizer_key}"
-            datasets, processor = prepare(run.recipe, tok_root, data_dir)
+            guard = self.store / f"prepare-{run.tokenizer_key}"  # two experiments sharing the store build it once
+            guard.mkdir(parents=True, exist_ok=True)
+            with _stage_lock(guard, "data and tokenizer"):
+                datasets, processor = prepare(run.recipe, tok_root, data_dir)
             families = sorted(set(datasets) - {"corpus"})
             datasets.test = load_datasets(data_dir, set(families), "test")
             self.prepared[run.tokenizer_key] = (datasets, processor, tok_root / "tokenizer")
@@ -781,10 +805,18 @@ class _Runner:
             raise RuntimeError(f"stage {stage.name!r} failed in an earlier run: {self.failed[key]}")
         if bar is not None:
             bar.set_postfix_str(f"{run.name}: {stage.name}")
-        t0 = time.perf_counter()
-        torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
+
+        def waiting(pid: int) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{run.name}: {stage.name}: waiting for process {pid}, which runs it")
+
         try:
-            with _stage_lock(stage_dir, stage.name):
+            with _stage_lock(stage_dir, stage.name, on_wait=waiting):
+                if done.is_file():  # another experiment sharing the store finished it while we waited
+                    self.reused.append(key)
+                    return json.loads(done.read_text())["wall_s"]
+                t0 = time.perf_counter()
+                torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
                 outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
         except Exception as e:
             self.failed[key] = f"{type(e).__name__}: {e}"

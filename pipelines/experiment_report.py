@@ -43,6 +43,8 @@ def _per_family(results: list[RunResult]) -> dict[str, dict[str, dict[str, dict[
 
 def summarize(exp: ExperimentConfig, results: list[RunResult], runs: list[RunPlan]) -> dict[str, Any]:
     """Means and intervals per variant and family, and each claim's paired difference and verdict."""
+    from zoo.pipelines.experiment import recipe_path
+
     table = _per_family(results)
     variants = {}
     for v, families in table.items():
@@ -82,6 +84,7 @@ def summarize(exp: ExperimentConfig, results: list[RunResult], runs: list[RunPla
         "seeds": sorted({r.seed for r in runs}),
         "level": exp.level,
         "interval": "Student t over seeds (mean ± t_{(1+level)/2, n-1} s/sqrt(n)); claims: paired by seed",
+        "recipe": str(recipe_path(exp)),
         "measured_stage": runs[0].measured.name if runs else None,
         "factor": exp.factor,
         "variants": variants,

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,19 +264,27 @@ def test_every_shipped_study_runs_end_to_end_at_two_steps(study, tmp_path_factor
         assert 0 < trained["esft"] < trained["full"]
 
 
-def test_a_stage_locked_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
+def test_a_stage_locked_by_a_live_process_is_waited_for_and_a_stale_lock_taken_over(tmp_path):
     from zoo.pipelines.experiment import _stage_lock
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    waited = []
     try:
         (tmp_path / "lock").write_text(str(sleeper.pid))
         with pytest.raises(RuntimeError, match=f"stage 'tune' .* is being run by process {sleeper.pid}"):
-            with _stage_lock(tmp_path, "tune"):
+            with _stage_lock(tmp_path, "tune", wait_s=0.3, poll_s=0.05, on_wait=waited.append):
                 pass
+        assert waited == [sleeper.pid]  # it waited (once told) before giving up
+        threading.Timer(0.3, lambda: (sleeper.kill(), sleeper.wait())).start()  # it ends while we wait: ours
+        with _stage_lock(tmp_path, "tune", poll_s=0.05):
+            assert sleeper.poll() is not None
+            assert (tmp_path / "lock").read_text() == str(os.getpid())
     finally:
         sleeper.kill()
         sleeper.wait()
-    with _stage_lock(tmp_path, "tune"):  # its holder is gone
+    assert not (tmp_path / "lock").exists()
+    (tmp_path / "lock").write_text(str(sleeper.pid))  # left by a killed process: taken over at once
+    with _stage_lock(tmp_path, "tune", wait_s=0):
         assert (tmp_path / "lock").read_text() == str(os.getpid())
     assert not (tmp_path / "lock").exists()
 

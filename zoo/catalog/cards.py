@@ -21,7 +21,8 @@ A card is the single source of truth for one released checkpoint::
 
 `metrics` may also be a mapping `name: {value, command[, dataset]}`, and `{}` (or `[]`) while
 nothing has been measured yet (built checkpoints get their measured metrics in the installed copy
-of the card).
+of the card). A figure measured over several seeds (`zoo experiment`, written by `zoo report
+--cards`) is their mean and also has `seeds: [0, 1, 2]` and `interval: [low, high]` (95% Student t).
     Prose...
 
 A card with a `base` releases an expert adapter (`zoo.io.expert_adapter`), not a whole model: what
@@ -182,15 +183,23 @@ class Metric:
 
     Attributes:
         name: e.g. "accuracy".
-        value: the number.
+        value: the number (over several seeds: their mean).
         command: the exact command that reproduces it.
         dataset: what it was measured on, when it is not implied by the command.
+        seeds: the seeds it was measured over (empty: one build).
+        interval: (low, high), the 95% Student-t interval of the mean over `seeds`.
     """
 
     name: str
     value: float
     command: str
     dataset: str | None = None
+    seeds: tuple[int, ...] = ()
+    interval: tuple[float, float] | None = None
+
+    def inside(self, value: float) -> bool | None:
+        """Whether `value` (say, another build's figure) lies in the interval; None without one."""
+        return None if self.interval is None else self.interval[0] <= value <= self.interval[1]
 
 
 @dataclass(frozen=True)
@@ -286,21 +295,42 @@ def _metrics(raw: Any, where: str) -> tuple[Metric, ...]:
         return ()
     if isinstance(raw, dict):  # {name: {value, command[, dataset]}}
         if not all(isinstance(k, str) and isinstance(v, dict) and "name" not in v for k, v in raw.items()):
-            raise CatalogError(f"{where}: 'metrics' as a mapping must be name -> {{value, command[, dataset]}}")
+            raise CatalogError(f"{where}: 'metrics' as a mapping must be name -> {{value, command[, dataset, seeds, interval]}}")
         raw = [{"name": k, **v} for k, v in raw.items()]
     if not isinstance(raw, list):
         raise CatalogError(f"{where}: 'metrics' must be a list of {{name, value, command[, dataset]}}")
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or set(m) - {"name", "value", "command", "dataset"}:
-            raise CatalogError(f"{where}: metrics[{i}] must have only name, value, command and dataset, got {m!r}")
+        if not isinstance(m, dict) or set(m) - set(METRIC_FIELDS):
+            raise CatalogError(f"{where}: metrics[{i}] must have only {', '.join(METRIC_FIELDS)}, got {m!r}")
         if not isinstance(m.get("command"), str) or not m["command"].strip():
             raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) has no 'command' that measured it")
         value = m.get("value")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) value must be a number, got {value!r}")
-        out.append(Metric(_text(m, "name", f"{where}: metrics[{i}]"), float(value), m["command"].strip(), m.get("dataset")))
+        seeds, interval = m.get("seeds", []), m.get("interval")
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) seeds must be a list of distinct integers, "
+                               f"got {seeds!r}")
+        if interval is not None:
+            if not (isinstance(interval, list) and len(interval) == 2 and all(map(_is_number, interval))
+                    and interval[0] <= value <= interval[1]):
+                raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) interval must be [low, high] around "
+                                   f"the value {value!r}, got {interval!r}")
+            if len(seeds) < 2:
+                raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) has an interval but not the >= 2 "
+                                   f"seeds it is over (seeds: {seeds!r})")
+        out.append(Metric(_text(m, "name", f"{where}: metrics[{i}]"), float(value), m["command"].strip(), m.get("dataset"),
+                          tuple(seeds), None if interval is None else (float(interval[0]), float(interval[1]))))
     return tuple(out)
+
+
+METRIC_FIELDS = ("name", "value", "command", "dataset", "seeds", "interval")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_card(path: str | os.PathLike) -> ModelCard:

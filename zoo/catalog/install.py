@@ -67,7 +67,9 @@ def _metric_dicts(metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]]) -
     if isinstance(metrics, Mapping):
         items = [{"name": k, **dict(v)} for k, v in metrics.items()]
     else:
-        items = [{"name": m.name, "value": m.value, "command": m.command, "dataset": m.dataset} for m in metrics]
+        items = [{"name": m.name, "value": m.value, "command": m.command, "dataset": m.dataset,
+                  "seeds": list(m.seeds) or None, "interval": None if m.interval is None else list(m.interval)}
+                 for m in metrics]
     out = []
     for m in items:
         if not isinstance(m.get("command"), str) or not m["command"].strip():
