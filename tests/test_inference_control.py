@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,21 +22,14 @@ from zoo.models import ModelConfig, build_model
 from zoo.moe import ROUTERS, MoEConfig, SparseMoE, SwiGLUExperts, capture_routing
 from zoo.moe.routers import TopKRouter
 
+sys.path.insert(0, str(Path(__file__).parent))
+from routing_helpers import identity_router  # noqa: E402
+
 E = 4
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def identity_router(name: str, R: int = E, **options):
-    """A router whose logits are its input (hidden size R, identity weight)."""
-    router = ROUTERS.build(name, options, hidden_size=R, num_experts=E)
-    with torch.no_grad():
-        for attr in ("weight", "projection"):
-            if hasattr(router, attr):
-                getattr(router, attr).copy_(torch.eye(R))
-    return router.eval()
 
 
 def as_sets(weights, indices) -> list[dict[int, float]]:

@@ -5,6 +5,8 @@ hand computation; the invariants the papers imply; bad options named with their 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ import zoo
 from zoo.moe import ROUTERS, MoEConfig, SparseMoE, SwiGLUExperts, capture_routing
 from zoo.moe.losses import localized_balancing_loss, tsallis_entropy
 from zoo.moe.routers import TopKRouter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from routing_helpers import identity_router  # noqa: E402
 
 E = 4
 
@@ -30,16 +35,6 @@ def logit_rows(T: int = 24, R: int = E, seed: int = 0) -> torch.Tensor:
     rows[3, :] = 0.0
     rows[3, -1] = -1.0
     return rows
-
-
-def identity_router(name: str, R: int = E, **options):
-    """A router whose logits are its input: hidden size R and an identity weight."""
-    router = ROUTERS.build(name, options, hidden_size=R, num_experts=E)
-    with torch.no_grad():
-        for attr in ("weight", "projection"):
-            if hasattr(router, attr):
-                getattr(router, attr).copy_(torch.eye(R))
-    return router.eval()
 
 
 def ranked(p: list[float]) -> list[int]:
