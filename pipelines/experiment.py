@@ -757,6 +757,7 @@ class _Runner:
         self.failed: dict[str, str] = {}
         self.executed: list[str] = []
         self.reused: list[str] = []
+        self.threads: set[int | None] = set()  # torch threads the run's stages trained with
 
     def _data(self, run: RunPlan):
         """(datasets with `.test` for every family, processor, tokenizer dir) of the run's data, built once."""
@@ -800,7 +801,9 @@ class _Runner:
         done = stage_dir / "done.json"
         if done.is_file():
             self.reused.append(key)
-            return json.loads(done.read_text())["wall_s"]
+            record = json.loads(done.read_text())
+            self.threads.add(record.get("threads"))
+            return record["wall_s"]
         if key in self.failed:
             raise RuntimeError(f"stage {stage.name!r} failed in an earlier run: {self.failed[key]}")
         if bar is not None:
@@ -814,7 +817,9 @@ class _Runner:
             with _stage_lock(stage_dir, stage.name, on_wait=waiting):
                 if done.is_file():  # another experiment sharing the store finished it while we waited
                     self.reused.append(key)
-                    return json.loads(done.read_text())["wall_s"]
+                    record = json.loads(done.read_text())
+                    self.threads.add(record.get("threads"))
+                    return record["wall_s"]
                 t0 = time.perf_counter()
                 torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
                 outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
@@ -824,10 +829,12 @@ class _Runner:
         wall = round(time.perf_counter() - t0, 2)  # after a kill: the resumed part only
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stage": stage.name, "key": key, "wall_s": wall, "run": run.name,
+                                   "threads": torch.get_num_threads(),
                                    "outputs": {k: str(Path(v).relative_to(self.run_dir(run))) for k, v in outputs.items()},
                                    "finished_at": time.time()}, indent=1))
         os.replace(tmp, done)
         self.executed.append(key)
+        self.threads.add(torch.get_num_threads())
         return wall
 
     def _measure(self, run: RunPlan, datasets) -> dict[str, dict]:
@@ -903,6 +910,28 @@ def plan_budget(plans: Mapping[str, list[RunPlan]], store: str | os.PathLike, li
             "measurements": len(measured), "answers": sum(measured.values())}
 
 
+def machine() -> dict[str, Any]:
+    """What ran the experiment: CPU, cores, torch and transformers versions, torch's thread count.
+
+    The thread count matters: it changes the order of float reductions, so a stage trained at 1
+    thread and at 2 differs from its first steps on (and training amplifies it into another sample
+    of the seed-to-seed distribution). `done.json` records it per stage.
+    """
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+
+
 def run_experiment(
     exp: ExperimentConfig,
     out_dir: str | os.PathLike,
@@ -943,9 +972,10 @@ def run_experiment(
     report["executed_stages"] = len(runner.executed)
     report["reused_stages"] = len(runner.reused)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
+    report["machine"] = {**machine(), "stage_threads": sorted(runner.threads, key=lambda t: (t is None, t or 0))}
     write_reports(exp, report, out_dir)
     return report
 
 
 __all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor",
-           "measure_output", "plan", "plan_budget", "recipe_paths", "routing_cost", "run_experiment", "seeded_recipe_dict"]
+           "machine", "measure_output", "plan", "plan_budget", "recipe_paths", "routing_cost", "run_experiment", "seeded_recipe_dict"]

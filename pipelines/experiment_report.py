@@ -125,6 +125,11 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
               "one seed share their common stages). "
               f"Stages run {report.get('executed_stages', '?')}, reused {report.get('reused_stages', '?')}; "
               f"wall {report.get('wall_s', '?')} s.", ""]
+    if report.get("machine"):
+        m = report["machine"]
+        trained = ", ".join("unrecorded" if t is None else str(t) for t in m.get("stage_threads", []))
+        lines += [f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}; "
+                  f"{m['threads']} torch threads (stages trained at {trained or '–'} threads).", ""]
     if exp.factor:
         lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in exp.factor)} (checked).", ""]
     lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | active params | "

@@ -146,6 +146,8 @@ def test_micro_experiment_reports_every_variant_with_intervals_and_reuses_shared
     assert claim["families"]["vqa"]["mean"] == pytest.approx(1.0) and claim["families"]["vqa"]["verdict"] == "holds"
     md = (out / "micro" / "results.md").read_text()
     assert "| top2 | vqa | exact_match |" in md and "Student t" in md and "holds" in md
+    threads = torch.get_num_threads()
+    assert report["machine"]["stage_threads"] == [threads] and f"(stages trained at {threads} threads)" in md
     assert (out / "micro" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "micro" / "results.json").read_text())["variants"] == report["variants"]
 
