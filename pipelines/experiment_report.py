@@ -105,20 +105,39 @@ def _fmt_num(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def signed(value: float) -> str:
+    """A difference with its sign: 3 decimals for metrics in [0, 1], k/M for counts (FLOPs, parameters)."""
+    if abs(value) < 1e3:
+        return f"{value:+.3f}"
+    return ("+" if value >= 0 else "-") + _fmt_num(abs(value))
+
+
+def signed_interval(d: dict) -> str:
+    """`[low, high]` of a paired difference (`–` without one); a zero-width interval (every seed
+    gave the same difference) is marked: the spread over seeds is then no measure of the error."""
+    if d.get("low") is None:
+        return "–"
+    text = f"[{signed(d['low'])}, {signed(d['high'])}]"
+    return text + " (same every seed)" if d["low"] == d["high"] else text
+
+
 def _interval_of(entry: dict) -> Interval:
     return Interval(entry["mean"], entry["low"] if entry["low"] is not None else math.nan,
                     entry["high"] if entry["high"] is not None else math.nan, entry["n"],
                     entry["std"] if entry["std"] is not None else math.nan, entry["level"])
 
 
-def results_markdown(exp: ExperimentConfig, report: dict) -> str:
-    """`results.md`: the table a person reads, the claims with their verdicts, the failures."""
+def results_markdown(report: dict) -> str:
+    """`results.md`: the table a person reads, the claims with their verdicts, the failures.
+
+    Rendered from the report alone (`results.json`), so `zoo report` can re-render old results.
+    """
     verdict_text = {"holds": "holds", "contradicted": "is contradicted", "not shown": "is not shown (the interval spans the boundary)",
                     "one seed": "cannot be judged (one seed)"}
     pct = round(report["level"] * 100)
-    lines = [f"# Experiment `{exp.name}`", ""]
-    if exp.description:
-        lines += [exp.description.strip(), ""]
+    lines = [f"# Experiment `{report['experiment']}`", ""]
+    if report.get("description"):
+        lines += [report["description"].strip(), ""]
     lines += [f"Seeds {report['seeds']}; measured stage `{report['measured_stage']}`; "
               f"{pct}% intervals: Student t over seeds (n-1 degrees of freedom: with 3-5 seeds the spread "
               "is itself uncertain, which a normal interval ignores); claims are paired by seed (variants of "
@@ -130,8 +149,8 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
         trained = ", ".join("unrecorded" if t is None else str(t) for t in m.get("stage_threads", []))
         lines += [f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}; "
                   f"{m['threads']} torch threads (stages trained at {trained or '–'} threads).", ""]
-    if exp.factor:
-        lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in exp.factor)} (checked).", ""]
+    if report.get("factor"):
+        lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in report['factor'])} (checked).", ""]
     lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | active params | "
               "FLOPs/token | trainable params | stored bytes | wall s (from scratch) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -158,8 +177,7 @@ def results_markdown(exp: ExperimentConfig, report: dict) -> str:
             continue
         lines += ["| family | metric | difference a − b | interval | verdict |", "| --- | --- | --- | --- | --- |"]
         for family, d in c["families"].items():
-            interval = "–" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
-            lines.append(f"| {family} | {d['metric']} | {d['mean']:+.3f} | {interval} | {d['verdict']} |")
+            lines.append(f"| {family} | {d['metric']} | {signed(d['mean'])} | {signed_interval(d)} | {d['verdict']} |")
         by_verdict: dict[str, list[str]] = {}
         for family, d in c["families"].items():
             by_verdict.setdefault(d["verdict"], []).append(family)
@@ -213,8 +231,8 @@ def write_reports(exp: ExperimentConfig, report: dict, out_dir: Path) -> None:
     """Write `results.json`, `results.md` and `results.png` into `out_dir`."""
     out_dir = Path(out_dir)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / "results.md").write_text(results_markdown(exp, report))
+    (out_dir / "results.md").write_text(results_markdown(report))
     plot_results(report, out_dir / "results.png")
 
 
-__all__ = ["EFFICIENCY", "plot_results", "results_markdown", "summarize", "write_reports"]
+__all__ = ["EFFICIENCY", "plot_results", "results_markdown", "signed", "signed_interval", "summarize", "write_reports"]

@@ -188,3 +188,12 @@ def test_the_demo_says_where_a_build_falls_against_the_published_interval():
     assert _published(over_seeds, 0.45) == "0.500 [0.400, 0.600] inside"
     assert _published(over_seeds, 0.7).endswith("above") and _published(over_seeds, 0.3).endswith("below")
     assert _published(Metric("x", 0.5, "c"), 0.1) == "0.500 (one build)" and _published(None, 0.1) == "–"
+
+
+def test_claim_differences_are_formatted_by_size_and_a_zero_spread_is_marked():
+    from zoo.pipelines.experiment_report import signed, signed_interval
+
+    assert signed(-0.0301) == "-0.030" and signed(256882.0) == "+256.9k" and signed(-2.5e6) == "-2.50M"
+    assert signed_interval({"low": -265829.7, "high": -247934.3}) == "[-265.8k, -247.9k]"
+    assert signed_interval({"low": -0.03, "high": -0.03}) == "[-0.030, -0.030] (same every seed)"
+    assert signed_interval({"low": None, "high": None}) == "–"
