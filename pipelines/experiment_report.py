@@ -118,7 +118,8 @@ def signed_interval(d: dict) -> str:
     if d.get("low") is None:
         return "–"
     text = f"[{signed(d['low'])}, {signed(d['high'])}]"
-    return text + " (same every seed)" if d["low"] == d["high"] else text
+    same = abs(d["high"] - d["low"]) <= 1e-9 * max(1.0, abs(d["mean"]))  # up to float rounding
+    return text + " (same every seed)" if same else text
 
 
 def _interval_of(entry: dict) -> Interval:

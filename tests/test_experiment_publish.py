@@ -194,6 +194,22 @@ def test_claim_differences_are_formatted_by_size_and_a_zero_spread_is_marked():
     from zoo.pipelines.experiment_report import signed, signed_interval
 
     assert signed(-0.0301) == "-0.030" and signed(256882.0) == "+256.9k" and signed(-2.5e6) == "-2.50M"
-    assert signed_interval({"low": -265829.7, "high": -247934.3}) == "[-265.8k, -247.9k]"
-    assert signed_interval({"low": -0.03, "high": -0.03}) == "[-0.030, -0.030] (same every seed)"
+    assert signed_interval({"mean": -256882.0, "low": -265829.7, "high": -247934.3}) == "[-265.8k, -247.9k]"
+    assert signed_interval({"mean": -0.03, "low": -0.03 - 1e-17, "high": -0.03 + 1e-17}) == "[-0.030, -0.030] (same every seed)"
+    assert signed_interval({"mean": -0.03, "low": -0.031, "high": -0.029}) == "[-0.031, -0.029]"
     assert signed_interval({"low": None, "high": None}) == "–"
+
+
+def test_the_shipped_cards_figures_come_from_the_card_experiments():
+    """Every tiny-zoo card's task figures are means over >= 3 seeds with an interval, from the
+    experiment that measured them (written by `zoo report --cards`, never by hand)."""
+    catalog = Catalog.from_dir(ROOT / "model_cards")
+    for name in catalog.names():
+        card = catalog.get(name)
+        if card.recipe != "configs/recipes/tiny-zoo.yaml" or card.base is not None:
+            continue
+        exp = "tiny-zoo-moe" if card.output == "moe-tune" else "tiny-zoo"
+        assert card.metrics, name
+        for m in card.metrics:
+            assert len(m.seeds) >= 3 and m.interval is not None, (name, m.name)
+            assert m.command == f"zoo experiment configs/experiments/{exp}.yaml", (name, m.name)
