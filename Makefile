@@ -29,7 +29,8 @@ bench: setup
 
 # The shipped studies (configs/experiments/), 3 seeds each, sharing one stage store: the prefix
 # stages train once per seed for all of them. Results: runs/experiments/<study>/results.md.
-# One thread per run: the 60-minute budget was measured so on the 2-core machine.
+# One thread per run, as the published study results (bench/RESULTS.md) were trained: the thread
+# count changes float reduction order and with it the results (README, Experiments: Threads).
 EXPERIMENTS ?= moe-vs-dense topp-vs-topk null-experts smoe-dropout upcycling esft lora-adapters
 EXPERIMENTS_OUT ?= runs/experiments
 experiments: setup
