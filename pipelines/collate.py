@@ -83,7 +83,10 @@ def frozen_encoder_caches(model, processor, cache_dir: str | Path) -> dict[str, 
     """A feature cache for each encoder the model keeps frozen (eval mode, no gradient).
 
     The cache key names the encoder class and a sha256 of its weights, so a different or retrained
-    encoder never reads another's features.
+    encoder never reads another's features, and the device (with torch's thread count on CPU),
+    which set the float reduction order: features computed at 2 threads differ in the last bits
+    from features computed at 1 (tiny zoo ViT: up to 4e-5), so a run at 1 thread must not read
+    them, or its result would depend on which run warmed the store.
     """
     caches = {}
     for modality, encoder in model.encoders.items():
@@ -94,11 +97,13 @@ def frozen_encoder_caches(model, processor, cache_dir: str | Path) -> dict[str, 
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim too
         proc = processor.image_processor if modality == "image" else processor.audio_processor
+        device = next(iter(encoder.parameters()), torch.empty(0)).device
+        numerics = f"cpu-t{torch.get_num_threads()}" if device.type == "cpu" else str(device.type)
 
         def run(items, encoder=encoder, proc=proc, modality=modality):
             return encoder(proc([decode_media(modality, b) for b in items]))
 
-        caches[modality] = FeatureCache(cache_dir, f"{modality}-{type(encoder).__name__}-{digest.hexdigest()[:16]}", run)
+        caches[modality] = FeatureCache(cache_dir, f"{modality}-{type(encoder).__name__}-{digest.hexdigest()[:16]}-{numerics}", run)
     return caches
 
 

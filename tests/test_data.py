@@ -295,15 +295,17 @@ def test_llava_importer_names_bad_entries(tmp_path):
 
 def test_feature_cache_runs_the_encoder_once_per_unique_image(tmp_path, built):
     images = [s.media[0].data for s in built["caption"]["train"][:3]]
-    seen = []
+    seen, calls = [], []
 
     def encoder(batch):
         seen.extend(batch)
+        calls.append(len(batch))
         return torch.stack([torch.tensor([len(b), b[-5]], dtype=torch.float32) for b in batch])
 
     cache = FeatureCache(tmp_path, "toy-encoder@v1", encoder)
     first = cache.encode([images[0], images[1], images[0]])
     assert seen == [images[0], images[1]] and (cache.misses, cache.hits) == (2, 1)
+    assert calls == [1, 1]  # each miss alone: its features must not depend on the batch it came in
     assert torch.equal(first[0], first[2]) and first[0][0] == len(images[0])
     again = FeatureCache(tmp_path, "toy-encoder@v1", encoder)  # a new process would see the same files
     out = again.encode(images)

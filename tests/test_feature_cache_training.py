@@ -11,6 +11,7 @@ from PIL import Image
 from zoo.models import ModelConfig
 from zoo.models import build_model
 from zoo.pipelines.collate import collate, frozen_encoder_caches
+from zoo.pipelines.data.feature_cache import FeatureCache
 from zoo.pipelines.data.audio import encode_wav
 from zoo.pipelines.data.schema import Media, Sample
 from zoo.processor import MultimodalProcessor
@@ -71,3 +72,53 @@ def test_trainable_encoders_get_no_cache_and_refuse_precomputed_features(setup, 
     plain = collate(samples[:1], processor)
     with pytest.raises(ValueError, match=r"both images and encoder_features\['image'\] were given"):
         model(**plain, encoder_features=cached["encoder_features"])
+
+
+def _random_pngs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def test_a_hit_gives_the_bits_of_a_miss_whatever_batch_the_item_came_in(tmp_path):
+    """Features must be a function of the item alone. Encoded in a batch, an image's features
+    depend on how many came with it (a convolution's reduction order; ~1e-5 here), so a stage
+    would train differently on a cache another run had warmed with other batches."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()  # the tiny zoo's image tower
+
+    def encoder(items):
+        pixels = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB").resize((64, 64))))
+                              .permute(2, 0, 1).float() / 255 for b in items])
+        return net.forward_features(pixels)
+
+    images = _random_pngs(8)
+    with torch.no_grad():
+        alone = [encoder([b])[0] for b in images]
+        assert not torch.equal(encoder(images)[3], alone[3])  # the hazard is real for this encoder
+    cold = FeatureCache(tmp_path / "a", "effnet@v1", encoder).encode(images)  # 8 misses in one call
+    FeatureCache(tmp_path / "b", "effnet@v1", encoder).fill(images[::-1], quiet=True)
+    warm = FeatureCache(tmp_path / "b", "effnet@v1", encoder)  # a new process: every item from disk
+    got = warm.encode(images)
+    assert warm.misses == 0
+    for a, c, w in zip(alone, cold, got):
+        assert torch.equal(c, a) and torch.equal(w, a)
+
+
+def test_the_cache_key_names_the_thread_count(setup, tmp_path):
+    model, processor, _ = setup
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = frozen_encoder_caches(model, processor, tmp_path)["image"].encoder_key
+        torch.set_num_threads(2)
+        two = frozen_encoder_caches(model, processor, tmp_path)["image"].encoder_key
+    finally:
+        torch.set_num_threads(threads)
+    assert one.endswith("-cpu-t1") and two.endswith("-cpu-t2") and one[:-1] == two[:-1]

@@ -179,14 +179,12 @@ def test_feature_cache_fill_bar_counts_the_misses(tmp_path, capfd):
     items = [bytes([i]) * (i + 1) for i in range(7)]
     cache.encode(items[:2])  # two are cached already
     calls.clear()
-    assert cache.fill(items + items[:3], batch_size=2, quiet=False) == 5  # duplicates and cached ones skipped
-    assert calls == [2, 2, 1]
+    assert cache.fill(items + items[:3], quiet=False) == 5  # duplicates and cached ones skipped
+    assert calls == [1] * 5  # one item per encoder call, as `encode` (features independent of the batch)
     err = capfd.readouterr().err
     assert "features enc@v1" in err and set(totals(err)) == {5} and "5/5" in err
     assert cache.fill(items, quiet=True) == 0 and capfd.readouterr().err == ""
     assert [float(f) for f in cache.encode(items)] == [float(len(b)) for b in items]
-    with pytest.raises(ValueError, match="batch_size=0 must be an integer >= 1"):
-        cache.fill(items, batch_size=0)
 
 
 # --- evaluation -------------------------------------------------------------------------------------

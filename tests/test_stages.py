@@ -450,3 +450,31 @@ def test_moe_tune_upcycles_the_vision_tower_mid_recipe(micro_run):
     assert set(experts) <= set(init)
     assert any(not torch.equal(init[k], moe[k]) for k in experts), "the tower's experts did not train"
     assert all(torch.allclose(init[k], moe[k], atol=0.05) for k in experts)
+
+
+@pytest.mark.slow
+def test_a_stage_trains_the_same_bits_on_a_cold_and_on_a_warm_feature_cache(micro_run, tmp_path):
+    """A stage's result must not depend on which earlier run warmed the frozen-encoder cache."""
+    import shutil
+
+    from zoo.pipelines.collate import frozen_encoder_caches
+    from zoo.pipelines.datasets import prepare
+
+    recipe, out, outputs = micro_run
+    runs = {}
+    for name in ("cold", "warm"):
+        runs[name] = tmp_path / name
+        shutil.copytree(out, runs[name], ignore=shutil.ignore_patterns("features"))
+    datasets, processor = prepare(recipe, runs["warm"], runs["warm"] / "data")
+    model, _ = load_model(out / "align" / "model")
+    caches = frozen_encoder_caches(model, processor, runs["warm"] / "features")
+    media = {k: [m.data for f in sorted(datasets, reverse=True) for s in datasets[f] for m in s.media if m.kind == k]
+             for k in caches}
+    assert sum(caches[k].fill(media[k], quiet=True) for k in caches) > 0  # warmed in another order than training's
+    weights = {}
+    for name, run in runs.items():
+        got = run_recipe(recipe, run, only=["specialize"])
+        weights[name] = _weights(got["specialize"])
+    assert weights["cold"].keys() == weights["warm"].keys()
+    for key in weights["cold"]:
+        assert torch.equal(weights["cold"][key], weights["warm"][key]), key
