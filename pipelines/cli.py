@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from zoo.io.hub import zoo_home
-    from zoo.pipelines.experiment import ExperimentConfig, plan, plan_budget, run_experiment
+    from zoo.pipelines.experiment import ExperimentConfig, plan, plan_budget, run_experiments
 
     exps = [ExperimentConfig.load(e) for e in args.experiment]
     seeds = None
@@ -112,8 +112,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                   f"{b['measurements']} measurements (<= {b['answers']} answers)")
         return 0
     failed = 0
-    for e in exps:
-        report = run_experiment(e, root / e.name, store=store, variants=args.variant, seeds=seeds)
+    for e, report in zip(exps, run_experiments(exps, root, store=store, jobs=args.jobs, variants=args.variant, seeds=seeds,
+                                                 quiet=True if args.quiet else None)):
         print(f"{root / e.name / 'results.md'} ({report['executed_stages']} stages run, {report['reused_stages']} reused)")
         for f in report["failures"]:
             print(f"zoo: error: {e.name}: run {f['variant']} seed {f['seed']} failed: {f['error']}", file=sys.stderr)
@@ -182,6 +182,8 @@ def add_training_commands(sub) -> None:
     s.add_argument("--store", help="stage store the experiments share (default: OUT/store)")
     s.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     s.add_argument("--seeds", help="run only these seeds (comma-separated)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="processes sharing the store, each at torch's thread count (OMP_NUM_THREADS); results do not depend on it")
     s.add_argument("--dry-run", action="store_true", help="print the runs, stages and steps to train; train nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_experiment)

@@ -444,8 +444,8 @@ def _code_version() -> str:
     for pkg in (zoo, zoo.encoders, zoo.kernels, zoo.pipelines):
         root = Path(pkg.__file__).resolve().parent
         for path in sorted(root.rglob("*.py")):
-            if path.name.startswith("experiment"):  # the harness and its reports do not change a stage
-                continue
+            if path.name.startswith("experiment") or path.name == "cli.py":  # the harness, its reports and
+                continue  # the command line do not change what a stage computes
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -693,9 +693,22 @@ class RunResult:
     error: str | None = None
 
 
+class StageBusy(RuntimeError):
+    """Another live process holds a stage's (or a measurement's) lock.
+
+    Attributes:
+        pid: the holder's process id.
+    """
+
+    def __init__(self, message: str, pid: int):
+        super().__init__(message)
+        self.pid = pid
+
+
 @contextlib.contextmanager
-def _stage_lock(stage_dir: Path, name: str, wait_s: float | None = None, poll_s: float = 2.0, on_wait=None):
-    """Hold `stage_dir/lock` (this process's pid) while the stage runs, so that two experiments
+def _stage_lock(stage_dir: Path, name: str, wait_s: float | None = None, poll_s: float = 2.0, on_wait=None,
+                lock_name: str = "lock"):
+    """Hold `stage_dir/<lock_name>` (this process's pid) while the stage runs, so that two experiments
     sharing a store never train the same stage at once; a lock left by a killed process is taken over.
 
     Args:
@@ -704,11 +717,12 @@ def _stage_lock(stage_dir: Path, name: str, wait_s: float | None = None, poll_s:
         wait_s: how long to wait for a live holder (None: until it ends; 0: refuse at once).
         poll_s: seconds between checks of the holder.
         on_wait: called once with the holder's pid when this process starts waiting.
+        lock_name: the lock file's name (one per thing locked: the stage, each measurement).
 
     Raises:
-        RuntimeError: a live process still holds the lock after `wait_s`.
+        StageBusy: a live process still holds the lock after `wait_s`.
     """
-    lock = stage_dir / "lock"
+    lock = stage_dir / lock_name
     deadline = None if wait_s is None else time.monotonic() + wait_s
     waiting = False
     while True:
@@ -722,8 +736,8 @@ def _stage_lock(stage_dir: Path, name: str, wait_s: float | None = None, poll_s:
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise RuntimeError(f"stage {name!r} ({stage_dir}) is being run by process {pid}; run this "
-                                       "experiment after it ends (or remove the lock if that process is not ours)") from None
+                    raise StageBusy(f"stage {name!r} ({stage_dir}) is being run by process {pid}; run this "
+                                    "experiment after it ends (or remove the lock if that process is not ours)", pid) from None
                 if not waiting and on_wait is not None:
                     on_wait(pid)
                 waiting = True
@@ -749,10 +763,20 @@ def _alive(pid: int) -> bool:
 
 
 class _Runner:
-    """Runs planned stages into the store, once each, and measures the outputs."""
+    """Runs planned stages into the store, once each, and measures the outputs.
 
-    def __init__(self, exp: ExperimentConfig, out_dir: Path, store: Path):
-        self.exp, self.out_dir, self.store = exp, out_dir, store
+    A stage (or measurement) another live process is running is not waited for: `run` raises
+    `StageBusy` and the caller runs other runs first (`run_experiment`).
+
+    Args:
+        exp, out_dir, store: the experiment, its directory, the stage store.
+        since: `time.time()` from which a stage finished in the store counts as executed by this
+            invocation, whichever process ran it (`run_experiments` with several jobs); None: only
+            the stages this runner trained.
+    """
+
+    def __init__(self, exp: ExperimentConfig, out_dir: Path, store: Path, since: float | None = None):
+        self.exp, self.out_dir, self.store, self.since = exp, out_dir, store, since
         self.prepared: dict[str, tuple] = {}
         self.failed: dict[str, str] = {}
         self.executed: list[str] = []
@@ -800,42 +824,44 @@ class _Runner:
         self._link(self.run_dir(run) / stage.name, stage_dir)
         done = stage_dir / "done.json"
         if done.is_file():
-            self.reused.append(key)
-            record = json.loads(done.read_text())
-            self.threads.add(record.get("threads"))
-            return record["wall_s"]
+            return self._reuse(key, done)
         if key in self.failed:
             raise RuntimeError(f"stage {stage.name!r} failed in an earlier run: {self.failed[key]}")
         if bar is not None:
             bar.set_postfix_str(f"{run.name}: {stage.name}")
 
-        def waiting(pid: int) -> None:
-            if bar is not None:
-                bar.set_postfix_str(f"{run.name}: {stage.name}: waiting for process {pid}, which runs it")
-
         try:
-            with _stage_lock(stage_dir, stage.name, on_wait=waiting):
-                if done.is_file():  # another experiment sharing the store finished it while we waited
-                    self.reused.append(key)
-                    record = json.loads(done.read_text())
-                    self.threads.add(record.get("threads"))
-                    return record["wall_s"]
+            with _stage_lock(stage_dir, stage.name, wait_s=0):
+                if done.is_file():  # another process sharing the store finished it meanwhile
+                    return self._reuse(key, done)
                 t0 = time.perf_counter()
                 torch.manual_seed(run.recipe.seed + index)  # the stage's hooks draw from it (LoRA, router init)
                 outputs = run_stage(run.recipe, stage, self.run_dir(run), datasets, processor, resume=True)
+        except StageBusy as e:
+            if bar is not None:
+                bar.set_postfix_str(f"{run.name}: {stage.name}: process {e.pid} runs it; other runs first")
+            raise
         except Exception as e:
             self.failed[key] = f"{type(e).__name__}: {e}"
             raise
         wall = round(time.perf_counter() - t0, 2)  # after a kill: the resumed part only
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stage": stage.name, "key": key, "wall_s": wall, "run": run.name,
-                                   "threads": torch.get_num_threads(),
+                                   "threads": torch.get_num_threads(), "pid": os.getpid(),
                                    "outputs": {k: str(Path(v).relative_to(self.run_dir(run))) for k, v in outputs.items()},
                                    "finished_at": time.time()}, indent=1))
         os.replace(tmp, done)
         self.executed.append(key)
         self.threads.add(torch.get_num_threads())
         return wall
+
+    def _reuse(self, key: str, done: Path) -> float:
+        """Count a finished stage (executed if it finished since `self.since`); its recorded wall time."""
+        record = json.loads(done.read_text())
+        self.threads.add(record.get("threads"))
+        fresh = self.since is not None and record.get("finished_at", 0) >= self.since and key not in self.executed
+        (self.executed if fresh else self.reused).append(key)
+        return record["wall_s"]
 
     def _measure(self, run: RunPlan, datasets) -> dict[str, dict]:
         stage = run.measured
@@ -844,15 +870,18 @@ class _Runner:
         cached = stage_dir / f"measure-{spec_key}.json"
         if cached.is_file():
             return json.loads(cached.read_text())
-        out = {}
-        for branch in stage.stage().branches(stage):
-            path = self.run_dir(run) / branch.path / "model"
-            out[branch.output] = {"family": branch.family,
-                                  **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval,
-                                                  run.inference)}
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, cached)
+        with _stage_lock(stage_dir, f"{stage.name} (measurement)", wait_s=0, lock_name=f"measure-{spec_key}.lock"):
+            if cached.is_file():
+                return json.loads(cached.read_text())
+            out = {}
+            for branch in stage.stage().branches(stage):
+                path = self.run_dir(run) / branch.path / "model"
+                out[branch.output] = {"family": branch.family,
+                                      **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval,
+                                                      run.inference)}
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            os.replace(tmp, cached)
         return out
 
     def run(self, run: RunPlan, bar=None) -> RunResult:
@@ -865,6 +894,8 @@ class _Runner:
             self._link(rd / "features", self.store / "features")
             result.wall_s = round(sum(self._stage(run, i, datasets, processor, bar) for i in run.chain), 2)
             result.outputs = self._measure(run, datasets)
+        except StageBusy:
+            raise  # not a failure: the caller retries the run later
         except Exception as e:  # one failing run is reported; the others go on
             result.error = f"{type(e).__name__}: {e}"
             (self.run_dir(run)).mkdir(parents=True, exist_ok=True)
@@ -940,8 +971,15 @@ def run_experiment(
     variants: list[str] | None = None,
     seeds: list[int] | None = None,
     quiet: bool | None = None,
+    poll_s: float = 2.0,
+    write: bool = True,
+    started: float | None = None,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Plan, run (reusing finished stages), measure and report an experiment.
+
+    A run whose next stage another process sharing the store is training waits its turn: the
+    other runs go first, and when every run left is held up this process polls every `poll_s`.
 
     Args:
         exp: the experiment.
@@ -951,6 +989,11 @@ def run_experiment(
         variants: run only these variants.
         seeds: run only these seeds.
         quiet: no progress bar over runs (None: `zoo.progress.is_quiet`).
+        poll_s: seconds between retries when every run left waits for another process.
+        write: write `results.json/md/png` (False: a worker of `run_experiments` only trains).
+        started: `time.time()` the whole invocation began (`run_experiments`): the report's wall
+            time counts from it, and stages any process finished since count as executed.
+        failed: stage key -> error, shared between calls: a stage that failed is not retried.
 
     Returns:
         The results dict written to `results.json`.
@@ -962,20 +1005,98 @@ def run_experiment(
     runs = plan(exp, variants=variants, seeds=seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(exp, out_dir, store.resolve())
-    t0 = time.perf_counter()
-    results = []
-    bar = progress(runs, desc=f"experiment {exp.name}", unit="run", quiet=quiet)
-    for run in bar:
-        results.append(runner.run(run, bar))
+    runner = _Runner(exp, out_dir, store.resolve(), since=started)
+    if failed is not None:
+        runner.failed = failed
+    t0 = time.time() if started is None else started
+    results: list[RunResult | None] = [None] * len(runs)
+    pending = list(range(len(runs)))
+    with progress(total=len(runs), desc=f"experiment {exp.name}", unit="run", quiet=quiet) as bar:
+        while pending:
+            held = []
+            for i in pending:
+                try:
+                    results[i] = runner.run(runs[i], bar)
+                    bar.update(1)
+                except StageBusy:
+                    held.append(i)
+            if len(held) == len(pending):
+                time.sleep(poll_s)
+            pending = held
     report = summarize(exp, results, runs)
     report["executed_stages"] = len(runner.executed)
     report["reused_stages"] = len(runner.reused)
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    report["wall_s"] = round(time.time() - t0, 1)
     report["machine"] = {**machine(), "stage_threads": sorted(runner.threads, key=lambda t: (t is None, t or 0))}
-    write_reports(exp, report, out_dir)
+    if write:
+        write_reports(exp, report, out_dir)
     return report
 
 
+def _worker(exps: list[ExperimentConfig], root: str, store: str, variants, seeds, quiet: bool | None = True,
+            failed: dict[str, str] | None = None) -> None:
+    """One process of `run_experiments`: train (and measure) every experiment, in its order."""
+    for exp in exps:
+        run_experiment(exp, Path(root) / exp.name, store=store, variants=variants, seeds=seeds, quiet=quiet, write=False,
+                       failed=failed)
+
+
+def run_experiments(
+    exps: list[ExperimentConfig],
+    root: str | os.PathLike,
+    *,
+    store: str | os.PathLike | None = None,
+    jobs: int = 1,
+    variants: list[str] | None = None,
+    seeds: list[int] | None = None,
+    quiet: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Run experiments sharing one stage store, in `jobs` processes; report each.
+
+    With `jobs > 1`, the extra processes go through the same experiments starting at other points
+    of the list; the stage locks keep any stage from training twice, and a process that finds a
+    stage taken trains another run's stage meanwhile. When all are done, this process writes every
+    report from the store. Each process trains with torch's thread count (`OMP_NUM_THREADS`), so
+    on a 2-core machine two 1-thread jobs use both cores. The results do not depend on `jobs`: a
+    stage's bits depend only on its key and the thread count (the feature cache is keyed by the
+    thread count too, and a hit gives the bits of a miss).
+
+    Args:
+        exps: the experiments.
+        root: experiments root: `root/<name>/results.*`.
+        store: the stage store (default `root/store`).
+        jobs: processes, >= 1.
+        variants, seeds, quiet: as `run_experiment`.
+
+    Returns:
+        One report per experiment, in order.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be an integer >= 1")
+    root = Path(root)
+    store = Path(store) if store is not None else root / "store"
+    if jobs == 1:
+        return [run_experiment(e, root / e.name, store=store, variants=variants, seeds=seeds, quiet=quiet) for e in exps]
+    import multiprocessing
+
+    started = time.time()
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    n = len(exps)
+    procs = [ctx.Process(target=_worker, args=(exps[k * n // jobs:] + exps[: k * n // jobs], str(root), str(store), variants, seeds),
+                         name=f"zoo-experiment-job-{k}", daemon=True) for k in range(1, jobs)]
+    for proc in procs:
+        proc.start()
+    failed: dict[str, str] = {}
+    try:
+        _worker(exps, str(root), str(store), variants, seeds, quiet, failed)
+    finally:
+        for proc in procs:
+            proc.join()
+    # every stage and measurement is in the store now, or failed (here: reported; in a job: retried once)
+    return [run_experiment(e, root / e.name, store=store, variants=variants, seeds=seeds, quiet=True, started=started,
+                           failed=failed) for e in exps]
+
+
 __all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor",
-           "machine", "measure_output", "plan", "plan_budget", "recipe_paths", "routing_cost", "run_experiment", "seeded_recipe_dict"]
+           "machine", "measure_output", "plan", "plan_budget", "recipe_paths", "routing_cost", "run_experiment", "run_experiments",
+           "seeded_recipe_dict", "StageBusy"]

@@ -202,6 +202,26 @@ def test_resume_after_sigkill_skips_finished_stages_and_matches_the_uninterrupte
     assert _final_losses(tmp_path, "micro") == _final_losses(out, "micro")  # bit-for-bit the same training
 
 
+@pytest.mark.slow
+def test_two_jobs_give_the_one_process_results_and_train_each_stage_once(micro_experiment, tmp_path):
+    from zoo.pipelines.experiment import run_experiments
+
+    out, report = micro_experiment
+    for built in [*(out / "store").glob("data-*"), *(out / "store").glob("tokenizer-*")]:  # the data, not the stages
+        shutil.copytree(built, tmp_path / "store" / built.name)
+    (two,) = run_experiments([_micro()], tmp_path, jobs=2, quiet=True)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "store").glob("stage-*/done.json")]
+    assert len(records) == 15 and len({r["key"] for r in records}) == 15  # no stage trained twice
+    assert (two["executed_stages"], two["reused_stages"]) == (report["executed_stages"], report["reused_stages"])
+    strip = lambda variants: {v: {f: {k: e for k, e in row.items() if k != "wall_s"} for f, row in fams.items()}  # noqa: E731
+                              for v, fams in variants.items()}
+    assert strip(two["variants"]) == strip(report["variants"]) and two["claims"] == report["claims"]
+    assert _final_losses(tmp_path, "micro") == _final_losses(out, "micro")  # bit-for-bit the same training
+    assert json.loads((tmp_path / "micro" / "results.json").read_text())["variants"] == two["variants"]
+    with pytest.raises(ValueError, match="jobs=0 must be an integer >= 1"):
+        run_experiments([_micro()], tmp_path, jobs=0)
+
+
 def test_a_new_name_starts_its_options_afresh_and_lists_are_replaced():
     from zoo.pipelines.experiment import apply_overrides
 
@@ -267,13 +287,13 @@ def test_every_shipped_study_runs_end_to_end_at_two_steps(study, tmp_path_factor
 
 
 def test_a_stage_locked_by_a_live_process_is_waited_for_and_a_stale_lock_taken_over(tmp_path):
-    from zoo.pipelines.experiment import _stage_lock
+    from zoo.pipelines.experiment import StageBusy, _stage_lock
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     waited = []
     try:
         (tmp_path / "lock").write_text(str(sleeper.pid))
-        with pytest.raises(RuntimeError, match=f"stage 'tune' .* is being run by process {sleeper.pid}"):
+        with pytest.raises(StageBusy, match=f"stage 'tune' .* is being run by process {sleeper.pid}"):
             with _stage_lock(tmp_path, "tune", wait_s=0.3, poll_s=0.05, on_wait=waited.append):
                 pass
         assert waited == [sleeper.pid]  # it waited (once told) before giving up
