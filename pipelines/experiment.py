@@ -773,10 +773,18 @@ class _Runner:
         since: `time.time()` from which a stage finished in the store counts as executed by this
             invocation, whichever process ran it (`run_experiments` with several jobs); None: only
             the stages this runner trained.
+        counted: stage keys already counted as executed by this invocation (shared between the
+            experiments of one `run_experiments` call, so each trained stage is counted once).
+
+    Attributes:
+        last: `time.time()` of the latest stage finish or measurement this runner saw.
     """
 
-    def __init__(self, exp: ExperimentConfig, out_dir: Path, store: Path, since: float | None = None):
+    def __init__(self, exp: ExperimentConfig, out_dir: Path, store: Path, since: float | None = None,
+                 counted: set[str] | None = None):
         self.exp, self.out_dir, self.store, self.since = exp, out_dir, store, since
+        self.counted = counted if counted is not None else set()
+        self.last = 0.0
         self.prepared: dict[str, tuple] = {}
         self.failed: dict[str, str] = {}
         self.executed: list[str] = []
@@ -852,6 +860,8 @@ class _Runner:
                                    "finished_at": time.time()}, indent=1))
         os.replace(tmp, done)
         self.executed.append(key)
+        self.counted.add(key)
+        self.last = max(self.last, time.time())
         self.threads.add(torch.get_num_threads())
         return wall
 
@@ -859,7 +869,10 @@ class _Runner:
         """Count a finished stage (executed if it finished since `self.since`); its recorded wall time."""
         record = json.loads(done.read_text())
         self.threads.add(record.get("threads"))
-        fresh = self.since is not None and record.get("finished_at", 0) >= self.since and key not in self.executed
+        self.last = max(self.last, record.get("finished_at", 0))
+        fresh = self.since is not None and record.get("finished_at", 0) >= self.since and key not in self.counted
+        if fresh:
+            self.counted.add(key)
         (self.executed if fresh else self.reused).append(key)
         return record["wall_s"]
 
@@ -869,6 +882,7 @@ class _Runner:
         spec_key = _hash({"eval": dataclasses.asdict(self.exp.eval), "inference": run.inference})
         cached = stage_dir / f"measure-{spec_key}.json"
         if cached.is_file():
+            self.last = max(self.last, cached.stat().st_mtime)
             return json.loads(cached.read_text())
         with _stage_lock(stage_dir, f"{stage.name} (measurement)", wait_s=0, lock_name=f"measure-{spec_key}.lock"):
             if cached.is_file():
@@ -882,6 +896,7 @@ class _Runner:
             tmp = cached.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(out, indent=1))
             os.replace(tmp, cached)
+        self.last = max(self.last, time.time())
         return out
 
     def run(self, run: RunPlan, bar=None) -> RunResult:
@@ -975,6 +990,8 @@ def run_experiment(
     write: bool = True,
     started: float | None = None,
     failed: dict[str, str] | None = None,
+    counted: set[str] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Plan, run (reusing finished stages), measure and report an experiment.
 
@@ -991,9 +1008,12 @@ def run_experiment(
         quiet: no progress bar over runs (None: `zoo.progress.is_quiet`).
         poll_s: seconds between retries when every run left waits for another process.
         write: write `results.json/md/png` (False: a worker of `run_experiments` only trains).
-        started: `time.time()` the whole invocation began (`run_experiments`): the report's wall
-            time counts from it, and stages any process finished since count as executed.
+        started: `time.time()` the whole invocation began (`run_experiments` with several jobs):
+            stages any process finished since count as executed, and the report's wall time is
+            from it to this experiment's last stage or measurement.
         failed: stage key -> error, shared between calls: a stage that failed is not retried.
+        counted: stage keys counted as executed by an earlier experiment of this invocation.
+        jobs: the processes the invocation ran (recorded in the report).
 
     Returns:
         The results dict written to `results.json`.
@@ -1005,7 +1025,7 @@ def run_experiment(
     runs = plan(exp, variants=variants, seeds=seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(exp, out_dir, store.resolve(), since=started)
+    runner = _Runner(exp, out_dir, store.resolve(), since=started, counted=counted)
     if failed is not None:
         runner.failed = failed
     t0 = time.time() if started is None else started
@@ -1026,7 +1046,8 @@ def run_experiment(
     report = summarize(exp, results, runs)
     report["executed_stages"] = len(runner.executed)
     report["reused_stages"] = len(runner.reused)
-    report["wall_s"] = round(time.time() - t0, 1)
+    report["wall_s"] = round((runner.last or time.time()) - started if started is not None else time.time() - t0, 1)
+    report["jobs"] = jobs
     report["machine"] = {**machine(), "stage_threads": sorted(runner.threads, key=lambda t: (t is None, t or 0))}
     if write:
         write_reports(exp, report, out_dir)
@@ -1087,6 +1108,7 @@ def run_experiments(
     for proc in procs:
         proc.start()
     failed: dict[str, str] = {}
+    counted: set[str] = set()  # each stage trained in this invocation is counted by the first experiment using it
     try:
         _worker(exps, str(root), str(store), variants, seeds, quiet, failed)
     finally:
@@ -1094,7 +1116,7 @@ def run_experiments(
             proc.join()
     # every stage and measurement is in the store now, or failed (here: reported; in a job: retried once)
     return [run_experiment(e, root / e.name, store=store, variants=variants, seeds=seeds, quiet=True, started=started,
-                           failed=failed) for e in exps]
+                           failed=failed, counted=counted, jobs=jobs) for e in exps]
 
 
 __all__ = ["Comparison", "ExperimentConfig", "MeasureSpec", "RunPlan", "RunResult", "apply_overrides", "check_factor",

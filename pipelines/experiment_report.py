@@ -144,7 +144,9 @@ def results_markdown(report: dict) -> str:
               "is itself uncertain, which a normal interval ignores); claims are paired by seed (variants of "
               "one seed share their common stages). "
               f"Stages run {report.get('executed_stages', '?')}, reused {report.get('reused_stages', '?')}; "
-              f"wall {report.get('wall_s', '?')} s.", ""]
+              + (f"wall {report.get('wall_s', '?')} s." if report.get("jobs", 1) == 1 else
+                 f"{report['jobs']} processes (`--jobs`) ran the invocation's experiments together; this one's last "
+                 f"result was in {report.get('wall_s', '?')} s after its start."), ""]
     if report.get("machine"):
         m = report["machine"]
         trained = ", ".join("unrecorded" if t is None else str(t) for t in m.get("stage_threads", []))

@@ -209,10 +209,13 @@ def test_two_jobs_give_the_one_process_results_and_train_each_stage_once(micro_e
     out, report = micro_experiment
     for built in [*(out / "store").glob("data-*"), *(out / "store").glob("tokenizer-*")]:  # the data, not the stages
         shutil.copytree(built, tmp_path / "store" / built.name)
-    (two,) = run_experiments([_micro()], tmp_path, jobs=2, quiet=True)
+    two, again = run_experiments([_micro(), _micro(name="micro-again")], tmp_path, jobs=2, quiet=True)
     records = [json.loads(p.read_text()) for p in (tmp_path / "store").glob("stage-*/done.json")]
     assert len(records) == 15 and len({r["key"] for r in records}) == 15  # no stage trained twice
     assert (two["executed_stages"], two["reused_stages"]) == (report["executed_stages"], report["reused_stages"])
+    assert (again["executed_stages"], again["reused_stages"]) == (0, 24)  # counted once, by the first experiment
+    assert two["jobs"] == 2 and 0 < two["wall_s"] <= again["wall_s"]
+    assert again["variants"] == two["variants"] and "2 processes (`--jobs`)" in (tmp_path / "micro" / "results.md").read_text()
     strip = lambda variants: {v: {f: {k: e for k, e in row.items() if k != "wall_s"} for f, row in fams.items()}  # noqa: E731
                               for v, fams in variants.items()}
     assert strip(two["variants"]) == strip(report["variants"]) and two["claims"] == report["claims"]
