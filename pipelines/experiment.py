@@ -60,7 +60,7 @@ from typing import Any
 import yaml
 
 from zoo.config import config_from_dict, sub_config, to_plain
-from zoo.pipelines.experiment_report import EFFICIENCY, summarize, write_reports
+from zoo.pipelines.experiment_report import EFFICIENCY, summarize, write_reports, write_text_atomic
 from zoo.pipelines.experiment_stats import EXPECTATIONS
 
 SEED_STRIDE = 1000
@@ -853,12 +853,10 @@ class _Runner:
             self.failed[key] = f"{type(e).__name__}: {e}"
             raise
         wall = round(time.perf_counter() - t0, 2)  # after a kill: the resumed part only
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage.name, "key": key, "wall_s": wall, "run": run.name,
-                                   "threads": torch.get_num_threads(), "pid": os.getpid(),
-                                   "outputs": {k: str(Path(v).relative_to(self.run_dir(run))) for k, v in outputs.items()},
-                                   "finished_at": time.time()}, indent=1))
-        os.replace(tmp, done)
+        write_text_atomic(done, json.dumps({"stage": stage.name, "key": key, "wall_s": wall, "run": run.name,
+                                            "threads": torch.get_num_threads(), "pid": os.getpid(),
+                                            "outputs": {k: str(Path(v).relative_to(self.run_dir(run))) for k, v in outputs.items()},
+                                            "finished_at": time.time()}, indent=1))
         self.executed.append(key)
         self.counted.add(key)
         self.last = max(self.last, time.time())
@@ -893,9 +891,7 @@ class _Runner:
                 out[branch.output] = {"family": branch.family,
                                       **measure_output(path, sorted(branch.data), datasets.test, datasets, self.exp.eval,
                                                       run.inference)}
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(out, indent=1))
-            os.replace(tmp, cached)
+            write_text_atomic(cached, json.dumps(out, indent=1))
         self.last = max(self.last, time.time())
         return out
 

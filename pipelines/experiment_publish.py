@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from zoo.pipelines.experiment_report import results_markdown, signed, signed_interval
+from zoo.pipelines.experiment_report import results_markdown, signed, signed_interval, write_text_atomic
 from zoo.pipelines.experiment_stats import t_interval
 
 SECTIONS = ("claims", "studies", "cards")
@@ -130,9 +130,7 @@ def replace_section(path: str | os.PathLike, name: str, text: str) -> bool:
                          "where it belongs")
     new = old[: i + len(begin)] + "\n" + text.rstrip() + "\n" + old[j:]
     if new != old:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(new)
-        os.replace(tmp, path)
+        write_text_atomic(path, new)
     return new != old
 
 
@@ -222,9 +220,7 @@ def publish_cards(reports: list[dict[str, Any]], cards_dir: str | os.PathLike) -
         data["metrics"] = card_metrics(sources[0], card.output)
         text = join_front_matter(data, body)
         if text != card.path.read_text(encoding="utf-8"):
-            tmp = card.path.with_name(card.path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, card.path)
+            write_text_atomic(card.path, text)
             changed.append(card.path)
     Catalog.from_dir(cards_dir)  # what was written parses
     return changed

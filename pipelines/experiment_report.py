@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,12 +232,27 @@ def plot_results(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in its folder and a rename: a reader (or a
+    process sharing the store) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_reports(exp: ExperimentConfig, report: dict, out_dir: Path) -> None:
     """Write `results.json`, `results.md` and `results.png` into `out_dir`."""
     out_dir = Path(out_dir)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / "results.md").write_text(results_markdown(report))
+    write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(out_dir / "results.md", results_markdown(report))
     plot_results(report, out_dir / "results.png")
 
 
-__all__ = ["EFFICIENCY", "plot_results", "results_markdown", "signed", "signed_interval", "summarize", "write_reports"]
+__all__ = ["EFFICIENCY", "plot_results", "results_markdown", "signed", "signed_interval", "summarize", "write_reports",
+           "write_text_atomic"]

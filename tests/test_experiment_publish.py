@@ -213,3 +213,15 @@ def test_the_shipped_cards_figures_come_from_the_card_experiments():
         for m in card.metrics:
             assert len(m.seeds) >= 3 and m.interval is not None, (name, m.name)
             assert m.command == f"zoo experiment configs/experiments/{exp}.yaml", (name, m.name)
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from zoo.pipelines.experiment_report import write_text_atomic
+
+    path = tmp_path / "results.md"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(TypeError):
+        write_text_atomic(path, b"not text")  # fails inside the write, after the temporary exists
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.md"]
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and len(list(tmp_path.iterdir())) == 1
