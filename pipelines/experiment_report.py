@@ -154,6 +154,12 @@ def results_markdown(report: dict) -> str:
         trained = ", ".join("unrecorded" if t is None else str(t) for t in m.get("stage_threads", []))
         lines += [f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}; "
                   f"{m['threads']} torch threads (stages trained at {trained or '–'} threads).", ""]
+        if len(m.get("stage_threads", [])) > 1:
+            # The stage key does not name the thread count (a store is shared across machines), and
+            # the prefix stages' thread count moved the tiny zoo's asr by -0.16 (README, Threads).
+            lines += ["**Mixed thread counts**: this experiment's stages were trained at more than one "
+                      "thread count (a store shared by runs at different `OMP_NUM_THREADS`); the thread "
+                      "count changes the results, so its variants are not one numerical regime.", ""]
     if report.get("factor"):
         lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in report['factor'])} (checked).", ""]
     lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | active params | "

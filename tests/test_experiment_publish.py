@@ -5,6 +5,7 @@ by hand, so every published number is checked against a hand computation of the 
 Student-t interval.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -198,6 +199,17 @@ def test_claim_differences_are_formatted_by_size_and_a_zero_spread_is_marked():
     assert signed_interval({"mean": -0.03, "low": -0.03 - 1e-17, "high": -0.03 + 1e-17}) == "[-0.030, -0.030] (same every seed)"
     assert signed_interval({"mean": -0.03, "low": -0.031, "high": -0.029}) == "[-0.031, -0.029]"
     assert signed_interval({"low": None, "high": None}) == "–"
+
+
+def test_results_md_flags_stages_trained_at_more_than_one_thread_count(tmp_path):
+    from zoo.pipelines.experiment_report import results_markdown
+
+    report = json.loads(_report(tmp_path, {"top2": {}, "top1": {}}, FIGURES).read_text())
+    machine = {"cpu": "x", "cores": 2, "torch": "t", "transformers": "tf", "threads": 1}
+    one = results_markdown({**report, "machine": {**machine, "stage_threads": [1]}})
+    mixed = results_markdown({**report, "machine": {**machine, "stage_threads": [1, 2]}})
+    assert "(stages trained at 1 threads)" in one and "Mixed thread counts" not in one
+    assert "(stages trained at 1, 2 threads)" in mixed and "**Mixed thread counts**" in mixed
 
 
 def test_the_shipped_cards_figures_come_from_the_card_experiments():
