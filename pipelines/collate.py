@@ -28,6 +28,22 @@ def prompt_messages(sample: Sample) -> list[dict[str, str]]:
     return [{"role": "user", "content": tags + ("\n" if tags else "") + sample.instruction}]
 
 
+def answered_text(processor, sample: Sample, prompt: str) -> str:
+    """The conversation with the assistant's answer, rendered by the tokenizer's own chat template.
+
+    The template's rendering of the prompt with `add_generation_prompt` must be a prefix of it (the
+    loss then masks exactly the prompt); the answer must end with the tokenizer's eos token, which
+    generation stops at (appended when the template ends the turn with another token).
+    """
+    messages = prompt_messages(sample) + [{"role": "assistant", "content": sample.answer}]
+    text = processor.apply_chat_template(messages)
+    if not text.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently once the assistant's answer follows it, "
+                         "so the prompt cannot be masked: use a template whose generation prompt is a prefix")
+    eos = processor.tokenizer.eos_token
+    return text if eos in text[len(prompt):] else text + eos
+
+
 def decode_media(kind: str, data: bytes):
     """Media bytes -> what the processor takes: a PIL RGB image, or `(waveform, sampling_rate)`."""
     return Image.open(io.BytesIO(data)).convert("RGB") if kind == "image" else decode_wav(data)
@@ -55,7 +71,7 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
         sample has them.
     """
     prompts = [processor.apply_chat_template(prompt_messages(s), add_generation_prompt=True) for s in samples]
-    texts = [p + s.answer + processor.tokenizer.eos_token + "\n" for p, s in zip(prompts, samples)] if with_answers else prompts
+    texts = [answered_text(processor, s, p) for p, s in zip(prompts, samples)] if with_answers else prompts
     items = {k: [m.data for s in samples for m in s.media if m.kind == k] for k in _PLACEHOLDER}
     cached = {k: c for k, c in (feature_caches or {}).items() if items.get(k)}
     # cached modalities are never decoded: their features come from the cache below
@@ -67,7 +83,12 @@ def collate(samples: Sequence[Sample], processor, *, with_answers: bool = True,
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         for row, prompt in enumerate(prompts):
-            labels[row, : len(processor.tokenizer(prompt)["input_ids"])] = IGNORE_INDEX
+            ids = processor.tokenizer(prompt)["input_ids"]
+            if batch["input_ids"][row, : len(ids)].tolist() != ids:
+                raise ValueError(f"sample {samples[row].id!r}: the prompt's tokens are not a prefix of the answered "
+                                 "conversation's tokens, so the prompt cannot be masked (a token merges across the "
+                                 "assistant turn's start)")
+            labels[row, : len(ids)] = IGNORE_INDEX
         batch["labels"] = labels
     if cached:
         batch["encoder_features"] = {k: torch.stack(c.encode(items[k])) for k, c in cached.items()}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from zoo.io.checkpoint import atomic_directory_write
 from zoo.models.builders import build_model
+from zoo.models.pretrained import resolve_pretrained
 
 
 class Datasets(dict):
@@ -32,7 +35,11 @@ def load_datasets(data_dir: Path, families: set[str], split: str = "train") -> d
 
 
 def prepare(recipe, out_dir: Path, data_dir: Path | None = None):
-    """Build the data (if absent), train the tokenizer (if absent), make the processor.
+    """Build the data (if absent), get the tokenizer (if absent), make the processor.
+
+    The tokenizer is the pretrained LM's own, with the media placeholders added, when the recipe's
+    model starts from pretrained weights (`zoo.models.pretrained`); otherwise a byte-level BPE
+    trained on the run's data (`recipe.tokenizer_vocab` must equal the LM's `vocab_size`).
 
     Returns:
         (train datasets per family with `.test`, processor).
@@ -49,14 +56,20 @@ def prepare(recipe, out_dir: Path, data_dir: Path | None = None):
                   options={f: o for f, o in recipe.data.get("options", {}).items() if f in missing})
     datasets = load_datasets(data_dir, families | {"corpus"})
     tokenizer_dir = out_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
+    model_cfg, pretrained_tokenizer = resolve_pretrained(recipe.model)
+    if pretrained_tokenizer is not None:  # the LM's own tokenizer and chat template, placeholders added; no BPE
+        if not (tokenizer_dir / "tokenizer.json").exists():
+            atomic_directory_write(tokenizer_dir, lambda tmp: pretrained_tokenizer.save_pretrained(str(tmp)), overwrite=True)
+    elif not (tokenizer_dir / "tokenizer.json").exists():
         vocab = recipe.model.lm.config.get("vocab_size")
         if vocab != recipe.tokenizer_vocab:
             raise ValueError(f"recipe {recipe.name!r}: tokenizer_vocab {recipe.tokenizer_vocab} != the LM's vocab_size {vocab}")
         texts = [t for samples in datasets.values() for s in samples for t in (s.instruction, s.answer) if t]
         train_tokenizer(texts, vocab_size=recipe.tokenizer_vocab).save_pretrained(str(tokenizer_dir))
     tokenizer = load_tokenizer(tokenizer_dir)
-    processor = MultimodalProcessor.from_model(build_model(recipe.model), tokenizer)
+    # the processor needs the encoders' settings and the placeholder ids, not the LM's weights
+    model = build_model(dataclasses.replace(model_cfg, lm=dataclasses.replace(model_cfg.lm, weights=None)))
+    processor = MultimodalProcessor.from_model(model, tokenizer)
     test = load_datasets(data_dir, families - {"corpus"}, "test") if recipe.eval is not None else {}
     return Datasets({f: d for f, d in datasets.items() if f in families}, test), processor
 

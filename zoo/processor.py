@@ -27,7 +27,8 @@ class MultimodalProcessor:
 
     Args:
         tokenizer: a `PreTrainedTokenizerFast` with `<image>`/`<audio>` special tokens
-            (`zoo.tokenizer.train_tokenizer`).
+            (`zoo.tokenizer.train_tokenizer`, or a pretrained LM's with them added:
+            `zoo.models.pretrained`).
         image_processor: None if the model takes no images.
         audio_processor: None if the model takes no audio.
     """
@@ -41,8 +42,9 @@ class MultimodalProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.audio_processor = audio_processor
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO)
+        vocab = tokenizer.get_vocab()  # a pretrained LM's tokenizer has only the placeholders its model needs
+        self.image_token_id = vocab.get(IMAGE)
+        self.audio_token_id = vocab.get(AUDIO)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any) -> MultimodalProcessor:
@@ -98,7 +100,7 @@ class MultimodalProcessor:
                 if items is not None:
                     raise ValueError(f"MultimodalProcessor: {name} given for a modality marked precomputed")
                 continue
-            count = int((batch["input_ids"] == token_id).sum())
+            count = int((batch["input_ids"] == token_id).sum()) if token_id is not None else 0
             n = len(items) if items is not None else 0
             if n and proc is None:
                 raise ValueError(f"MultimodalProcessor: {name} given but this processor has no {name} processor")

