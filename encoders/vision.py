@@ -260,12 +260,26 @@ def resolve_weights(weights: str | None) -> str | None:
 _TIMM_EXAMPLE = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
 
 
+def check_timm_name(name: str) -> None:
+    """Refuse a name timm does not know, with its close matches (timm's own error is a bare RuntimeError)."""
+    import difflib
+
+    import timm
+
+    base = name.split(".", 1)[0]  # `model.pretrained_tag`
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"encoder 'timm': unknown timm model {name!r}{hint}; see timm.list_models()")
+
+
 @ENCODERS.register("timm", example={"name": "vit_tiny_patch16_224", "options": _TIMM_EXAMPLE, "image_size": 32})
 def timm_encoder(*, name: str | None = None, options: dict | None = None, feature_layer: int | None = None,
                  select: str = "patch", image_size: int | None = None, weights: str | None = None) -> TimmVisionEncoder:
     """`EncoderConfig(kind="timm")`: any timm model by `name`; `options` go to `timm.create_model`."""
     if not name:
         raise ValueError("encoder 'timm' needs a model `name` (any timm.create_model name)")
+    check_timm_name(name)
     return TimmVisionEncoder(name, feature_layer=feature_layer, select=select, image_size=image_size, weights=weights,
                              **(options or {}))
 

@@ -20,6 +20,7 @@ def build(
     resume: bool = False,
     cards_dir: str | os.PathLike | None = None,
     run_dir: str | os.PathLike | None = None,
+    wait: bool = False,
 ) -> dict[str, Path]:
     """Run a card's recipe into the cache and install its output (and its siblings').
 
@@ -33,6 +34,7 @@ def build(
         resume: continue the recipe's stages from their newest training checkpoints.
         cards_dir: the cards directory.
         run_dir: the recipe's run directory (default `$ZOO_HOME/runs/<recipe file stem>`).
+        wait: wait for another process training into the run directory instead of refusing.
 
     Returns:
         `name@version` -> installed directory, for every card installed (just the requested
@@ -53,7 +55,7 @@ def build(
     if card.output not in names:
         raise LoadError(f"{card.ref}: output {card.output!r} is not one the recipe {card.recipe} writes: {names}")
     run_dir = Path(run_dir) if run_dir is not None else zoo_home() / "runs" / recipe_path.stem
-    outputs = run_recipe(recipe, run_dir, resume=resume)
+    outputs = run_recipe(recipe, run_dir, resume=resume, wait=wait)
     siblings = [c for n in catalog.names() for c in catalog.list(n, all_versions=True)
                 if c.recipe is not None and c.resolve_path(c.recipe).resolve() == recipe_path.resolve()]
     installed = {}

@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 from zoo.cli import ERRORS as LIBRARY_ERRORS
-from zoo.cli import make_parser, run_cli
+from zoo.cli import local_dir, make_parser, run_cli
 from zoo.pipelines.data.shards import CorruptShardError
+from zoo.io.locks import DirectoryBusy
 from zoo.pipelines.engine import NonFiniteError
 
 # What bad input raises on the training side too: a corrupt shard, a NaN loss, a missing key.
-ERRORS = (*LIBRARY_ERRORS, CorruptShardError, NonFiniteError, KeyError)
+ERRORS = (*LIBRARY_ERRORS, CorruptShardError, NonFiniteError, DirectoryBusy, KeyError)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -36,7 +37,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if is_installed(card) and not args.force:
         print(f"{card.ref} is already built at {install_dir(card)} (pass --force to rebuild)")
         return 0
-    installed = build(card.name, str(card.version), force=args.force, resume=args.resume, cards_dir=args.cards_dir)
+    installed = build(card.name, str(card.version), force=args.force, resume=args.resume, cards_dir=args.cards_dir,
+                      wait=args.wait)
     for ref, path in installed.items():
         print(f"installed {ref} at {path}")
     return 0
@@ -50,10 +52,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from zoo.pipelines.runner import run_recipe
     from zoo.pipelines.stages import RecipeConfig
 
+    if args.ep_size < 1:
+        raise ValueError(f"--ep-size must be >= 1, got {args.ep_size}")
     recipe = RecipeConfig.load(args.recipe)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} is not a directory (leave it out to build the data into OUT/data)")
     out = Path(args.out) if args.out else zoo_home() / "runs" / recipe.name
     outputs = run_recipe(recipe, out, only=args.stage, resume=args.resume, data_dir=args.data_dir,
-                         engine=EngineSpec(args.engine, args.ds_config, args.ep_size))
+                         engine=EngineSpec(args.engine, args.ds_config, args.ep_size), wait=args.wait)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         for name, path in outputs.items():
             print(f"{name}: {path}")
@@ -62,8 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _checkpoint_dir(target: str, cards_dir) -> tuple[Path, Path | None]:
     """(model directory, default data directory) for a directory or a card name."""
-    path = Path(target)
-    if path.is_dir():
+    path = local_dir(target, None, cards_dir)
+    if path is not None:
         return path, None
     from zoo.catalog.cards import Catalog
     from zoo.catalog.install import locate
@@ -77,6 +83,11 @@ def _checkpoint_dir(target: str, cards_dir) -> tuple[Path, Path | None]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from zoo.pipelines.eval import evaluate_checkpoint
 
+    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data {args.data!r} is not a directory of built data")
     checkpoint, data = _checkpoint_dir(args.checkpoint, args.cards_dir)
     for r in evaluate_checkpoint(checkpoint, args.family, data_dir=args.data or data, split=args.split, limit=args.limit,
                                  max_new_tokens=args.max_new_tokens, quiet=args.quiet or None):
@@ -88,6 +99,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from zoo.io.hub import zoo_home
     from zoo.pipelines.experiment import ExperimentConfig, plan, plan_budget, run_experiments
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     exps = [ExperimentConfig.load(e) for e in args.experiment]
     seeds = None
     if args.seeds is not None:
@@ -151,6 +164,7 @@ def add_training_commands(sub) -> None:
     s.add_argument("--version", help="exact version or range")
     s.add_argument("--force", action="store_true", help="rebuild even if installed")
     s.add_argument("--resume", action="store_true", help="continue the recipe's stages from their last checkpoints")
+    s.add_argument("--wait", action="store_true", help="if another process is training into the run directory, wait for it")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_build)
 
@@ -163,6 +177,8 @@ def add_training_commands(sub) -> None:
     s.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
     s.add_argument("--ds-config", default="zero2", help="configs/deepspeed/<name>.json or a path (deepspeed engine)")
     s.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed engine)")
+    s.add_argument("--wait", action="store_true",
+                   help="if another process is training into --out, wait for it to end (default: refuse, naming its pid)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")
     s.set_defaults(func=cmd_train)
 

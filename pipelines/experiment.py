@@ -57,9 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from zoo.config import config_from_dict, sub_config, to_plain
+from zoo.config import config_from_dict, in_file, load_yaml, rewrap, sub_config, to_plain
 from zoo.pipelines.experiment_report import EFFICIENCY, summarize, write_reports, write_text_atomic
 from zoo.pipelines.experiment_stats import EXPECTATIONS
 
@@ -214,13 +212,14 @@ class ExperimentConfig:
             p = config_path("experiments", str(path), ".yaml")
         if not p.is_file():
             raise FileNotFoundError(f"experiment {str(path)!r} does not exist")
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p)
         if not isinstance(data, dict):
             raise ValueError(f"experiment {str(p)!r} must be a YAML mapping")
         recipe = data.get("recipe")
         if isinstance(recipe, str) and Path(recipe).suffix and not Path(recipe).is_absolute():
             data["recipe"] = str((p.parent / recipe).resolve())
-        return config_from_dict(cls, data)
+        with in_file(p):
+            return config_from_dict(cls, data)
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -309,7 +308,7 @@ def recipe_path(exp: ExperimentConfig) -> Path:
 def base_recipe_dict(exp: ExperimentConfig) -> dict:
     """The experiment's recipe as a raw dict: the file, `only` stages kept, `extend` appended, `overrides` applied."""
     p = recipe_path(exp)
-    raw = yaml.safe_load(p.read_text())
+    raw = load_yaml(p)
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
         raise ValueError(f"experiment {exp.name!r}: recipe {str(p)!r} is not a recipe mapping with `stages`")
     if isinstance(raw.get("model"), str) and not Path(raw["model"]).is_absolute():
@@ -377,7 +376,7 @@ def build_recipe(raw: dict, where: str):
     try:
         return config_from_dict(RecipeConfig, copy.deepcopy(raw))
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{where}: {e}") from None
+        raise rewrap(e, where) from None
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:

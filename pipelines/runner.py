@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from zoo.io.locks import hold_lock, remove_stale_temporaries
 from zoo.io.model_dir import load_model_dir, save_model_dir
 from zoo.models.builders import build_model
+from zoo.models.pretrained import resolve_pretrained
 from zoo.pipelines.collate import MixedBatches, frozen_encoder_caches
 from zoo.pipelines.datasets import prepare
 from zoo.pipelines.engine import EngineSpec, make_engine
@@ -57,7 +59,7 @@ def train_model(ctx: StageContext, model, stage: StageConfig, out: Path, name: s
     trainable = set_trainable(model, stage.trains)
     caches = frozen_encoder_caches(model, ctx.processor, ctx.feature_dir)
     mixed = MixedBatches(ctx.datasets, stage.data, ctx.processor, stage.batch_size, ctx.seed, feature_caches=caches,
-                         sample_types=stage.sample_types)
+                         sample_types=stage.sample_types, group_by_length=stage.group_by_length)
     engine, batches, ep_size = make_engine(ctx.engine, model, stage.train.optim, stage.train.steps, mixed)
     result = train(engine, batches, stage.train, out, resume=ctx.resume, name=name)
     if ep_size > 1:
@@ -71,7 +73,7 @@ def _start(recipe: RecipeConfig, index: int, out_dir: Path):
     """(model, model config, start checkpoint or None) for stage `index`."""
     start = recipe.start_of(index)
     if start is None:
-        cfg = copy.deepcopy(recipe.model)
+        cfg, _ = resolve_pretrained(copy.deepcopy(recipe.model))  # a pretrained LM's placeholders and vocabulary
         torch.manual_seed(recipe.seed)
         return build_model(cfg), cfg, None
     path = out_dir / start.name / "model"
@@ -135,8 +137,13 @@ def run_recipe(
     resume: bool = False,
     data_dir: str | Path | None = None,
     engine: EngineSpec | None = None,
+    wait: bool = False,
 ) -> dict[str, Path]:
     """Run the recipe's stages in order (or only the named ones), each from the one before.
+
+    The process holds `out_dir`'s lock (`zoo.io.locks`) while it runs: a second process training
+    into the same directory is refused with the holder's pid (or waits, with `wait=True`), so no
+    run replaces another's outputs underneath it. Temporaries a killed run left are removed first.
 
     Args:
         recipe: the recipe.
@@ -145,9 +152,13 @@ def run_recipe(
         resume: continue each stage from its newest training checkpoint.
         data_dir: read (or build) the data here instead of `out_dir/data`.
         engine: the engine (default: one-process PyTorch).
+        wait: if another process holds the run directory, wait for it instead of refusing.
 
     Returns:
         output name -> checkpoint directory, for every stage run.
+
+    Raises:
+        zoo.io.locks.DirectoryBusy: another live process is training into `out_dir`.
     """
     engine = engine or EngineSpec()
     out_dir = Path(out_dir)
@@ -157,11 +168,21 @@ def run_recipe(
         from zoo.pipelines.deepspeed_engine import init_distributed
 
         init_distributed()
+    if not _is_main():  # rank 0 holds the lock for the whole job
+        return _run_locked(recipe, out_dir, only, resume, data_dir, engine)
+    with hold_lock(out_dir, f"run directory {str(out_dir)!r}", wait=wait,
+                   hint="wait for it to end (or pass --wait), or train into another --out"):
+        remove_stale_temporaries(out_dir)
+        return _run_locked(recipe, out_dir, only, resume, data_dir, engine)
+
+
+def _run_locked(recipe: RecipeConfig, out_dir: Path, only, resume: bool, data_dir, engine: EngineSpec) -> dict[str, Path]:
     if not _is_main():
         _barrier()  # rank 0 builds the data and the tokenizer first
     datasets, processor = prepare(recipe, out_dir, data_dir)
     if _is_main():
         _barrier()
+    check_data(recipe, datasets, only)
     outputs = {}
     for stage in recipe.stages:
         if only and stage.name not in only:
@@ -170,10 +191,26 @@ def run_recipe(
     return outputs
 
 
+def check_data(recipe: RecipeConfig, datasets, only: list[str] | None = None) -> None:
+    """Before any training: every stage to run draws only from task families with training samples.
+
+    Raises:
+        ValueError: naming the stage, the family and what the data directory holds.
+    """
+    for stage in recipe.stages:
+        if only and stage.name not in only:
+            continue
+        for family in stage.data:
+            if not datasets.get(family):
+                have = sorted(f for f, d in datasets.items() if d)
+                raise ValueError(f"stage {stage.name!r}: task family {family!r} has no training samples in the data "
+                                 f"(families with samples: {have})")
+
+
 def load_model(path: Path):
     """A stage output's `(model, ModelConfig)` (verified, strict): `zoo.io.load_model_dir` without the checkpoint."""
     model, cfg, _ = load_model_dir(path)
     return model, cfg
 
 
-__all__ = ["load_model", "run_recipe", "run_stage", "set_trainable", "train_model"]
+__all__ = ["check_data", "load_model", "run_recipe", "run_stage", "set_trainable", "train_model"]

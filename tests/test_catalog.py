@@ -169,4 +169,5 @@ def test_list_models(cards, monkeypatch):
     assert len(list_models("tiny-*", all_versions=True, cards_dir=cards)) == 5
     monkeypatch.setenv("ZOO_MODEL_CARDS", str(cards))
     assert len(list_models()) == 3
-    assert list_models(cards_dir=cards / "missing") == []
+    with pytest.raises(CatalogError, match=r"model cards directory .*missing' \(--cards-dir\) does not exist"):
+        list_models(cards_dir=cards / "missing")  # a typo in the folder is an error, not an empty catalogue

@@ -82,7 +82,7 @@ def test_unknown_keys_are_named_at_every_level():
         ModelConfig.from_dict(bad)
     with pytest.raises(ValueError, match=r"moe: MoEConfig: unknown config key\(s\) \['expert'\]"):
         ModelConfig.from_dict({**base, "moe": {"expert": 4}})
-    with pytest.raises(ValueError, match=r"moe: MoEConfig: router 'topk': TopKOptions: unknown config key\(s\) \['topk'\]"):
+    with pytest.raises(ValueError, match=r"moe\.router_options: MoEConfig: router 'topk': TopKOptions: unknown config key\(s\) \['topk'\] \(did you mean 'top_k'\?\)"):
         ModelConfig.from_dict({**base, "moe": {"router_options": {"topk": 2}}})
     with pytest.raises(ValueError, match=r"connectors\.image: connector 'mlp': unknown option\(s\) \['dept'\]; accepted options are \['depth'\]"):
         ModelConfig.from_dict({**base, "connectors": {"image": {"kind": "mlp", "options": {"dept": 2}}}})

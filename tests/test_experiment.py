@@ -69,7 +69,7 @@ def test_bad_input_names_the_cause():
         plan(_micro(variants={"a": {}, "b": {"stages": {"moe-tun": {"batch_size": 2}}}}))
     with pytest.raises(ValueError, match=r"variant 'b'.*unknown.*'top_kk'"):
         plan(_micro(variants={"a": {}, "b": {"stages": {"moe-tune": {"options": {"moe": {"router_options": {"top_kk": 1}}}}}}}))
-    with pytest.raises(ValueError, match=r"variant 'b'.*moe-tune.*unknown config key\(s\) \['upcycle'\]; known keys are \[.*'upcycler'"):
+    with pytest.raises(ValueError, match=r"variant 'b'.*moe-tune.*unknown config key\(s\) \['upcycle'\] \(did you mean 'upcycler'.*\?\); known keys are \[.*'upcycler'"):
         plan(_micro(variants={"a": {}, "b": {"stages": {"moe-tune": {"options": {"upcycle": "noisy"}}}}}))
     with pytest.raises(ValueError, match=r"`seeds` must list at least one seed"):
         ExperimentConfig(name="x", recipe=str(MICRO), seeds=[], variants={"a": {}})

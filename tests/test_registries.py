@@ -65,7 +65,7 @@ def test_registry_register_get_build_and_errors_name_the_cause():
     assert reg.build("fn", {"depth": 5}, size=1) == (1, 5)
     with pytest.raises(ValueError, match=r"unknown widget 'lni'; registered widgets: \['fn', 'lin'\] \(did you mean 'lin'\?\)"):
         reg.get("lni")
-    with pytest.raises(ValueError, match=r"widget 'lin': Opts: unknown config key\(s\) \['scal'\]; known keys are \['scale'\]"):
+    with pytest.raises(ValueError, match=r"widget 'lin': Opts: unknown config key\(s\) \['scal'\] \(did you mean 'scale'\?\); known keys are \['scale'\]"):
         reg.build("lin", {"scal": 2.0}, size=3)
     with pytest.raises(ValueError, match=r"widget 'lin': scale=-1 must be > 0"):
         reg.build("lin", {"scale": -1}, size=3)

@@ -200,7 +200,8 @@ def test_run_cli_reports_bad_input_in_one_line_naming_the_cause(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ZOO_DEBUG"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 1
-    assert "zoo: error: recipe 'r': stages[0] ('a'): StageConfig: unknown config key(s) ['batchsize']" in proc.stderr
+    assert (f"zoo: error: {bad}: stages[0]: stage 'a': StageConfig: unknown config key(s) ['batchsize'] "
+            "(did you mean 'batch_size'?)") in proc.stderr
     assert "Traceback" not in proc.stderr
     debug = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ZOO_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr

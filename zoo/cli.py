@@ -23,6 +23,7 @@ from pathlib import Path
 from zoo.catalog.cards import Catalog, CatalogError
 from zoo.catalog.install import LoadError, is_installed, render_card
 from zoo.catalog.load import load_card, load_directory
+from zoo.errors import check_device, report_errors
 from zoo.io.checkpoint import CheckpointError, verify_checkpoint
 from zoo.io.export import FORMATS, ExportError
 from zoo.io.hub import HubError
@@ -56,10 +57,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_dir(target: str, version: str | None, cards_dir) -> Path | None:
+    """The checkpoint directory `target` names, or None when it names a card.
+
+    A bare name (no path separator) that is both a directory here and a card name is ambiguous:
+    the directory must not silently shadow the card, so it is refused with the two spellings
+    that choose (`./NAME` for the directory, `NAME@VERSION` for the card).
+
+    Raises:
+        LoadError: the name is both.
+    """
+    path = Path(target)
+    if version is not None or not path.is_dir():
+        return None
+    bare = os.sep not in target and (os.altsep is None or os.altsep not in target) and target not in (".", "..")
+    if bare and "@" not in target:
+        catalog = Catalog.from_dir(cards_dir)
+        if target in catalog.names():
+            raise LoadError(f"{target!r} is both a directory here and a model card name; write ./{target} for the "
+                            f"directory or {target}@{catalog.get(target).version} for the card")
+    return path
+
+
+def check_out(out: str, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse an existing output directory before any work, naming the flag that replaces it."""
+    if Path(out).exists() and not overwrite:
+        raise LoadError(f"{str(out)!r} already exists; pass {flag} to replace it")
+
+
 def _resolve_model(target: str, version: str | None, cards_dir, device: str = "cpu", dtype=None):
     """(model, processor, config, checkpoint dir, card or None) for a name or a checkpoint directory."""
-    path = Path(target)
-    if version is None and path.is_dir():
+    path = local_dir(target, version, cards_dir)
+    if path is not None:
         model, processor, cfg = load_directory(path, device=device, dtype=dtype)
         return model, processor, cfg, path, None
     card = Catalog.from_dir(cards_dir).get(target, version)
@@ -70,6 +99,7 @@ def _resolve_model(target: str, version: str | None, cards_dir, device: str = "c
 def cmd_load(args: argparse.Namespace) -> int:
     import torch
 
+    check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, processor, cfg, directory, card = _resolve_model(args.name, args.version, args.cards_dir, args.device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
@@ -82,6 +112,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from zoo.io.export import export_multimodal
 
+    check_out(args.out, args.overwrite)
     model, processor, cfg, directory, card = _resolve_model(args.name, args.version, args.cards_dir)
     text = render_card(card) if card is not None else None
     if card is not None and (directory / "README.md").is_file():
@@ -132,8 +163,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from zoo.catalog.install import locate
     from zoo.transforms.quantize import quantize_model_dir
 
-    path = Path(args.name)
-    src = path if args.version is None and path.is_dir() else locate(Catalog.from_dir(args.cards_dir).get(args.name, args.version))
+    check_out(args.out, args.overwrite)
+    path = local_dir(args.name, args.version, args.cards_dir)
+    src = path if path is not None else locate(Catalog.from_dir(args.cards_dir).get(args.name, args.version))
     out, qcfg, before, after = quantize_model_dir(src, args.out, bits=args.bits, group_size=args.group_size,
                                                   adaptive=args.adaptive, overwrite=args.overwrite)
     sizes = sorted({tuple(g) for g in qcfg.group_sizes.values()})
@@ -172,7 +204,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
                         "connector safetensors; llava: one LlavaForConditionalGeneration + LlavaProcessor directory "
                         "(or the parts LLaVA cannot hold, named)")
     s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("publish", help="upload a checkpoint or export directory to the Hugging Face Hub")
@@ -196,24 +228,6 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     return p, sub
 
 
-def report_errors(prog: str, fn, errors: tuple[type[BaseException], ...]) -> int:
-    """Call `fn()`; an expected error prints `prog: error: <cause>` and gives status 1, not a traceback.
-
-    Set `ZOO_DEBUG=1` to get the traceback anyway.
-
-    Returns:
-        `fn()`'s status if it returned an int, else 0; 1 after an expected error.
-    """
-    try:
-        status = fn()
-    except errors as e:
-        if os.environ.get("ZOO_DEBUG"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    return status if isinstance(status, int) else 0
-
-
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[BaseException], ...]) -> int:
     """Parse `argv` and run the chosen subcommand; returns the exit status (0 ok, 1 error, 2 usage).
 
@@ -225,7 +239,8 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tup
     except SystemExit as e:
         return int(e.code or 0)
     with quiet_while(getattr(args, "quiet", False)):
-        return report_errors("zoo", lambda: args.func(args), errors)
+        command = f"{parser.prog} {args.command}" if getattr(args, "command", None) else parser.prog
+        return report_errors(parser.prog, lambda: args.func(args), errors, command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,4 +252,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ERRORS", "main", "make_parser", "report_errors", "run_cli"]
+__all__ = ["ERRORS", "check_out", "local_dir", "main", "make_parser", "report_errors", "run_cli"]

@@ -9,7 +9,8 @@ Training, data builds, downloads, feature-cache fills and evaluation all report 
 * `quiet=False` forces the bar even when stderr is not a terminal (tests, a caller who knows).
 
 The CLIs' `--quiet` sets `ZOO_QUIET=1` for the command's duration (`quiet_while`), so the work
-they start, worker processes included, is quiet too. A disabled bar still iterates and counts:
+they start, worker processes included, is quiet too; it (and `ZOO_QUIET=1` itself) also turns off
+transformers' and huggingface_hub's own bars (loading weights, downloads). A disabled bar still iterates and counts:
 callers never branch on quietness.
 """
 
@@ -64,24 +65,76 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=is_quiet(quiet), file=sys.stderr, **options)
 
 
+# The libraries' own switches: huggingface_hub's (which transformers follows when it is imported
+# later) for child processes and later imports, and tqdm's environment default.
+_LIBRARY_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def silence_libraries() -> None:
+    """Turn off the progress bars of transformers and huggingface_hub (weights loading, downloads).
+
+    Sets their environment switches (for imports still to come and child processes) and, where they
+    are already imported, their runtime switches.
+    """
+    os.environ.update(_LIBRARY_ENV)
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover - an old huggingface_hub
+            pass
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _restore_libraries(before: dict[str, str | None]) -> None:
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in _TRUE:
+        return
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
 @contextmanager
 def quiet_while(quiet: bool) -> Iterator[None]:
-    """Inside the block, with `quiet`, `ZOO_QUIET=1` (child processes inherit it); restored after.
+    """Inside the block, with `quiet` (or `ZOO_QUIET=1` already set), no progress bar at all.
 
-    What a CLI's `--quiet` does: the bars deep in the work it starts need no argument threaded down.
+    Sets `ZOO_QUIET=1` (child processes inherit it) and silences transformers' and
+    huggingface_hub's own bars (`silence_libraries`); everything is restored after. What a CLI's
+    `--quiet` does: the bars deep in the work it starts need no argument threaded down.
     """
-    if not quiet:
+    if not quiet and os.environ.get(QUIET_ENV, "").strip().lower() not in _TRUE:
         yield
         return
-    before = os.environ.get(QUIET_ENV)
+    before = {k: os.environ.get(k) for k in (QUIET_ENV, *_LIBRARY_ENV)}
     os.environ[QUIET_ENV] = "1"
+    silence_libraries()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(QUIET_ENV, None)
-        else:
-            os.environ[QUIET_ENV] = before
+        _restore_libraries(before)
 
 
-__all__ = ["QUIET_ENV", "is_quiet", "progress", "quiet_while"]
+__all__ = ["QUIET_ENV", "is_quiet", "progress", "quiet_while", "silence_libraries"]

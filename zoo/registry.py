@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from zoo.config import config_from_dict
+from zoo.config import config_from_dict, rewrap
 
 T = TypeVar("T")
 
@@ -156,7 +156,7 @@ class Registry(Generic[T]):
             try:
                 return config_from_dict(entry.options, dict(options or {}))
             except (TypeError, ValueError) as e:
-                raise type(e)(f"{self.kind} {name!r}: {e}") from None
+                raise rewrap(e, f"{self.kind} {name!r}") from None
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"{self.kind} {name!r}: options must be a mapping, got {type(options).__name__}")
         opts = dict(options or {})

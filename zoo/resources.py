@@ -45,7 +45,9 @@ def config_path(kind: str, name: str, suffix: str) -> Path:
     if path.is_file():
         return path
     shipped = sorted(p.stem for p in folder.glob(f"*{suffix}"))
-    raise FileNotFoundError(f"no shipped {kind} config {name!r}; shipped: {shipped}")
+    from zoo.config import close_matches
+
+    raise FileNotFoundError(f"no shipped {kind} config {name!r}{close_matches(name, shipped)}; shipped: {shipped}")
 
 
 __all__ = ["DATA_DIRS", "config_path", "data_root", "resource_dir"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zoo.errors import report_errors
 from zoo.progress import quiet_while
 
 from .build import FAMILIES, build_all
@@ -33,12 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dir")
     s.add_argument("--split", default="train")
     s.add_argument("-n", type=int, default=5)
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     with quiet_while(getattr(args, "quiet", False)):  # every bar of the work below (zoo.progress)
-        return _run(args)
+        # bad input ends in one line `python -m zoo.pipelines.data: error: <cause>`, status 1 (ZOO_DEBUG=1: traceback)
+        return report_errors(p.prog, lambda: _run(args), command=f"{p.prog} {args.cmd}")
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _run(args: argparse.Namespace) -> int:
+    for flag in ("max_per_split", "image_size"):
+        _at_least("--" + flag.replace("_", "-"), getattr(args, flag, None), 1)
+    _at_least("-n", getattr(args, "n", None), 0)
     if args.cmd == "build":
         build_all(args.out, args.max_per_split, tuple(args.families))
     elif args.cmd == "import-llava":
@@ -46,7 +59,10 @@ def _run(args: argparse.Namespace) -> int:
         m = write_dataset(splits, args.out, task_family=args.task_family, source=f"llava:{args.json}", params={"max_per_split": args.max_per_split})
         print({k: v["count"] for k, v in m["splits"].items()})
     else:
-        print(read_manifest(args.dir)["splits"][args.split]["count"], "samples in", args.split)
+        splits = read_manifest(args.dir)["splits"]
+        if args.split not in splits:
+            raise ValueError(f"{args.dir} has no split {args.split!r}; it has {sorted(splits)}")
+        print(splits[args.split]["count"], "samples in", args.split)
         for i, smp in enumerate(iter_split(args.dir, args.split)):
             if i >= args.n:
                 break

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .fashion_mnist import png_bytes
-from .schema import Media, Sample, split_of
+from .schema import Media, Sample, SchemaError, split_of
 from .select import materialize, pick_per_split
 
 IMAGE_TOKEN = "<image>"
@@ -31,18 +31,45 @@ class LlavaFormatError(ValueError):
 def _turns(entry: dict, where: str) -> list[tuple[str, str]]:
     conv = entry.get("conversations")
     if not isinstance(conv, list) or not conv:
-        raise LlavaFormatError(f"{where}: 'conversations' must be a non-empty list")
+        raise LlavaFormatError(f"{where}: 'conversations' must be a non-empty list, got {_kind(conv)}")
     pairs, i = [], 0
     while i < len(conv):
         a = conv[i]
         if not isinstance(a, dict) or a.get("from") != "human":
             raise LlavaFormatError(f"{where}: turn {i} should be from 'human', got {a.get('from') if isinstance(a, dict) else a!r}")
-        if i + 1 >= len(conv) or conv[i + 1].get("from") != "gpt":
+        b = conv[i + 1] if i + 1 < len(conv) else None
+        if not isinstance(b, dict) or b.get("from") != "gpt":
             raise LlavaFormatError(f"{where}: turn {i} (human) is not followed by a 'gpt' turn")
-        question = a.get("value", "").replace(IMAGE_TOKEN, "").strip()
-        pairs.append((question, conv[i + 1].get("value", "").strip()))
+        texts = []
+        for j, turn in ((i, a), (i + 1, b)):
+            value = turn.get("value", "")
+            if not isinstance(value, str):
+                raise LlavaFormatError(f"{where}: turn {j} 'value' must be a string, got {_kind(value)}")
+            texts.append(value)
+        pairs.append((texts[0].replace(IMAGE_TOKEN, "").strip(), texts[1].strip()))
         i += 2
     return pairs
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def image_path(root: Path, rel, where: str) -> Path:
+    """`root / rel` for an entry's `image`, refusing anything but a relative path inside `root`.
+
+    Raises:
+        LlavaFormatError: `rel` is not a string, is absolute, or leaves `root` (`..`, a symlink out).
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise LlavaFormatError(f"{where}: 'image' must be a path relative to the image root, got {_kind(rel)}")
+    if Path(rel).is_absolute() or rel.startswith("~"):
+        raise LlavaFormatError(f"{where}: image {rel!r} must be relative to the image root {str(root)!r}, not absolute")
+    base = root.resolve()
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise LlavaFormatError(f"{where}: image {rel!r} resolves outside the image root {str(root)!r}")
+    return path
 
 
 def import_llava(
@@ -77,14 +104,25 @@ def import_llava(
         FileNotFoundError: An image is missing (names the entry and the path).
     """
     root = Path(image_root)
-    entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    if not root.is_dir():
+        raise FileNotFoundError(f"image root {str(root)!r} is not a directory")
+    try:
+        entries = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LlavaFormatError(f"{json_path}: line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise LlavaFormatError(f"{json_path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(entries, list):
         raise LlavaFormatError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
     cands, seen = [], {}
     for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise LlavaFormatError(f"{json_path} entry {n}: needs an 'id'")
+        if not isinstance(entry, dict):
+            raise LlavaFormatError(f"{json_path} entry {n}: must be an object with 'id' and 'conversations', got {_kind(entry)}")
+        if "id" not in entry or not isinstance(entry["id"], (str, int)) or isinstance(entry["id"], bool) or entry["id"] == "":
+            raise LlavaFormatError(f"{json_path} entry {n}: needs an 'id' (a string or an integer), got {_kind(entry.get('id'))}")
         where = f"{json_path} entry {n} (id {entry['id']!r})"
+        if "image" in entry and entry["image"] is not None:
+            image_path(root, entry["image"], where)  # every entry's image checked, picked or not
         base = "llava-" + _BAD_KEY_CHARS.sub("_", str(entry["id"]))
         if base in seen:
             raise LlavaFormatError(f"{where}: id maps to key {base!r} like entry {seen[base]}")
@@ -101,16 +139,22 @@ def import_llava(
         if rel is None:
             return ()
         if rel not in cache:
-            path = root / rel
+            path = image_path(root, rel, where)
             if not path.is_file():
                 raise FileNotFoundError(f"{where}: image {path} does not exist")
             try:
                 img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
-            except UnidentifiedImageError as e:
-                raise LlavaFormatError(f"{where}: {path} is not an image PIL can read") from e
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise LlavaFormatError(f"{where}: {path} is not an image PIL can read ({type(e).__name__})") from None
             if image_size:
                 img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
             cache[rel] = png_bytes(img)
         return (Media("image", cache[rel]),)
 
-    return materialize(picked, lambda c, s: Sample(c[0], task_family, s, c[2], c[3], media(c[4], c[5])), task_family)
+    def sample(c, split: str) -> Sample:
+        try:
+            return Sample(c[0], task_family, split, c[2], c[3], media(c[4], c[5]))
+        except SchemaError as e:
+            raise LlavaFormatError(f"{c[5]}: {e}") from None
+
+    return materialize(picked, sample, task_family)

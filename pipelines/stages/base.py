@@ -20,13 +20,30 @@ stage that `forks` (one output per family) cannot be started from, so a stage ri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from zoo.config import ConfigError, key_path, rewrap
+from zoo.io.names import check_name
 from zoo.pipelines.train import TrainConfig
 from zoo.registry import Registry
 
 STAGES: Registry = Registry("stage kind")
+
+
+def check_data_mix(data: Mapping[str, float]) -> None:
+    """A stage's data mix: at least one task family, each weight a finite number > 0.
+
+    Raises:
+        ConfigError: naming the family and its weight.
+    """
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError("`data` must name at least one task family with its sampling weight, e.g. {vqa: 1.0}")
+    for family, weight in data.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"the weight of task family {family!r} must be a finite number > 0, got {weight!r}", (str(family),))
 
 
 @dataclass
@@ -46,6 +63,8 @@ class StageConfig:
             localized balancing: e.g. `{text: 0, vqa: 1}` for world-knowledge vs task samples).
         start_from: the earlier stage whose output this one starts from (default: the previous
             one, or for a per-family stage the nearest earlier stage that is not per-family).
+        group_by_length: micro-batches drawn together and cut by media and length so padding
+            shrinks (`MixedBatches`); 0: no grouping.
     """
 
     name: str
@@ -57,17 +76,26 @@ class StageConfig:
     options: Any = field(default_factory=dict)
     sample_types: dict[str, int] | None = None
     start_from: str | None = None
+    group_by_length: int = 0
+    config_label: ClassVar[str] = "stage"  # errors name the stage: `stages[2]: stage 'lora': ...`
 
     def __post_init__(self) -> None:
         try:
-            STAGES.entry(self.kind)
-            if isinstance(self.train, dict):
-                self.train = TrainConfig.from_dict(self.train)
-            self.options = STAGES.options(self.kind, self.options)
+            with key_path("name"):
+                check_name(self.name, "stage name")
+            with key_path("kind"):
+                STAGES.entry(self.kind)
+            with key_path("train"):
+                if isinstance(self.train, Mapping):
+                    self.train = TrainConfig.from_dict(dict(self.train))
+            with key_path("options"):
+                self.options = STAGES.options(self.kind, self.options)
+            with key_path("data"):
+                check_data_mix(self.data)
+            if self.group_by_length < 0:
+                raise ConfigError(f"must be >= 0 (0: no grouping), got {self.group_by_length}", ("group_by_length",))
         except (TypeError, ValueError) as e:
-            raise type(e)(f"stage {self.name!r}: {e}") from None
-        if not self.data:
-            raise ValueError(f"stage {self.name!r}: `data` must name at least one task family")
+            raise rewrap(e, f"stage {self.name!r}") from None
         if self.sample_types is not None:
             missing = sorted(set(self.data) - set(self.sample_types))
             if missing:
@@ -221,4 +249,4 @@ def train_only_stage(default_trains: list[str], doc: str) -> type:
     return TrainOnly
 
 
-__all__ = ["NoOptions", "default_trainable", "keep", "nothing_after", "train_only_stage", "Branch", "STAGES", "Stage", "StageConfig", "StageContext", "single_branch"]
+__all__ = ["check_data_mix", "NoOptions", "default_trainable", "keep", "nothing_after", "train_only_stage", "Branch", "STAGES", "Stage", "StageConfig", "StageContext", "single_branch"]

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from zoo.config import config_from_dict, sub_config
+from zoo.config import ConfigError, ConfigTypeError, check_value, close_matches, config_from_dict, in_file, key_path, load_yaml, sub_config
+from zoo.io.names import check_name
 from zoo.models.config import ModelConfig
 from zoo.pipelines.stages.base import StageConfig
 
@@ -24,6 +23,27 @@ class EvalSpec:
 
     limit: int | None = 200
     max_new_tokens: int = 12
+
+
+DATA_KEYS = {"max_per_split": int | None, "options": dict[str, dict[str, Any]]}
+
+
+def check_data_block(data: Any) -> None:
+    """A recipe's `data:` block: only `max_per_split` (an integer >= 1, or null) and `options`
+    (task family -> builder keywords); a misspelled key is named with its close matches.
+
+    Raises:
+        ConfigError: at the key path below `data`.
+    """
+    check_value(data, dict[str, Any])
+    for key, value in data.items():
+        if key not in DATA_KEYS:
+            raise ConfigError(f"unknown data key {key!r}{close_matches(key, DATA_KEYS)}; known keys are {sorted(DATA_KEYS)}",
+                              (str(key),))
+        check_value(value, DATA_KEYS[key], (key,))
+    n = data.get("max_per_split")
+    if n is not None and n < 1:
+        raise ConfigError(f"must be an integer >= 1 (or null for all samples), got {n}", ("max_per_split",))
 
 
 @dataclass
@@ -52,17 +72,22 @@ class RecipeConfig:
     eval: EvalSpec | None = None
 
     def __post_init__(self) -> None:
+        with key_path("name"):
+            check_name(self.name, "recipe name")
         if isinstance(self.eval, dict):
-            self.eval = config_from_dict(EvalSpec, self.eval)
+            self.eval = sub_config(EvalSpec, self.eval, "eval")
+        with key_path("data"):
+            check_data_block(self.data)
         if isinstance(self.model, (str, Path)):
             self.model = ModelConfig.load(str(self.model))
         elif isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
+            self.model = sub_config(ModelConfig, self.model, "model")
+        elif not isinstance(self.model, ModelConfig):
+            raise ConfigTypeError(f"expected a model config (a mapping) or the path of a model YAML file, got "
+                                  f"{type(self.model).__name__}", ("model",))
         if not isinstance(self.stages, list) or not self.stages:
-            raise ValueError(f"recipe {self.name!r}: `stages` must be a non-empty list")
-        self.stages = [sub_config(StageConfig, s, f"recipe {self.name!r}: stages[{i}]"
-                                  + (f" ({s.get('name')!r})" if isinstance(s, dict) and s.get("name") else ""))
-                       for i, s in enumerate(self.stages)]
+            raise ConfigError(f"recipe {self.name!r}: `stages` must be a non-empty list", ("stages",))
+        self.stages = [sub_config(StageConfig, s, f"stages[{i}]") for i, s in enumerate(self.stages)]
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"recipe {self.name!r}: duplicate stage names in {names}")
@@ -92,13 +117,14 @@ class RecipeConfig:
         if not p.is_file() and p.suffix == "" and len(p.parts) == 1:
             p = config_path("recipes", str(path), ".yaml")
         if not p.is_file():
-            raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-        data = yaml.safe_load(p.read_text())
+            raise FileNotFoundError(f"recipe {str(path)!r} does not exist (give a recipe YAML file or a shipped recipe name)")
+        data = load_yaml(p)
         if not isinstance(data, dict):
-            raise ValueError(f"recipe {str(p)!r} must be a YAML mapping")
+            raise ConfigError(f"a recipe must be a YAML mapping (name, model, stages, ...), got {type(data).__name__}", file=p)
         if isinstance(data.get("model"), str) and not Path(data["model"]).is_absolute():
             data["model"] = str((p.parent / data["model"]).resolve())
-        return config_from_dict(cls, data)
+        with in_file(p):
+            return config_from_dict(cls, data)
 
     def outputs(self) -> list[str]:
         """Names of the checkpoints the recipe writes (each stage's branches)."""
@@ -126,4 +152,4 @@ class RecipeConfig:
         return None
 
 
-__all__ = ["EvalSpec", "RecipeConfig"]
+__all__ = ["DATA_KEYS", "EvalSpec", "RecipeConfig", "check_data_block"]

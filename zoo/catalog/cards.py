@@ -48,6 +48,8 @@ from typing import Any
 
 import yaml
 
+from zoo.io.names import check_name
+
 CARD_FIELDS = frozenset(
     {"name", "version", "task_family", "description", "license", "config", "uri", "sha256", "recipe",
      "output", "base", "base_components", "metrics"}
@@ -269,7 +271,10 @@ def split_front_matter(text: str, where: str) -> tuple[dict[str, Any], str]:
             try:
                 data = yaml.safe_load("".join(lines[1:i]))
             except yaml.YAMLError as e:
-                raise CatalogError(f"{where}: front matter is not valid YAML: {e}") from e
+                mark = getattr(e, "problem_mark", None)
+                at = f"line {mark.line + 2}, column {mark.column + 1}: " if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise CatalogError(f"{where}: {at}front matter is not valid YAML: {problem}") from None
             if not isinstance(data, dict):
                 raise CatalogError(f"{where}: front matter must be a mapping of fields")
             return data, "".join(lines[i + 1 :])
@@ -333,6 +338,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_relative_path_uri(uri: str) -> bool:
+    """A plain relative path (no scheme like `hf://`, `https://`, `file://`, `pypi:`; not absolute; not `~`)."""
+    return not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", uri) and not uri.startswith(("/", "~"))
+
+
 def parse_card(path: str | os.PathLike) -> ModelCard:
     """Read and validate one model card file.
 
@@ -383,8 +393,15 @@ def parse_card(path: str | os.PathLike) -> ModelCard:
     base = data.get("base_components") or []
     if not isinstance(base, list) or not all(isinstance(b, str) and b for b in base):
         raise CatalogError(f"{where}: 'base_components' must be a list of names")
+    name = _text(data, "name", where, _NAME_RE)
+    try:
+        check_name(name, "card name")
+    except ValueError as e:
+        raise CatalogError(f"{where}: {e}") from None
+    if isinstance(uri, str) and _is_relative_path_uri(uri.strip()):
+        uri = str((path.resolve().parent / Path(uri.strip()).expanduser()).resolve())  # against the card's own folder
     return ModelCard(
-        name=_text(data, "name", where, _NAME_RE),
+        name=name,
         version=version,
         task_family=_text(data, "task_family", where, _SLUG_RE),
         description=_text(data, "description", where),
@@ -430,7 +447,13 @@ class Catalog:
     @classmethod
     def from_dir(cls, directory: str | os.PathLike | None = None) -> Catalog:
         """Parse every `*.md` card in `directory` (default: `default_cards_dir()`); none is fine."""
+        given = directory is not None or bool(os.environ.get("ZOO_MODEL_CARDS"))
         root = Path(directory) if directory is not None else default_cards_dir()
+        if given and not root.is_dir():
+            env = os.environ.get("ZOO_MODEL_CARDS")
+            what = "$ZOO_MODEL_CARDS" if directory is None or (env and str(directory) == env) else "--cards-dir"
+            reason = "is not a directory" if root.exists() else "does not exist"
+            raise CatalogError(f"model cards directory {str(root)!r} ({what}) {reason}")
         paths = sorted(root.glob("*.md")) if root.is_dir() else []
         return cls([parse_card(p) for p in paths if p.name.lower() != "readme.md"])
 

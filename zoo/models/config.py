@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoo.config import config_from_dict, sub_config, to_plain
+from zoo.config import ConfigError, ConfigTypeError, check_value, close_matches, config_from_dict, key_path, sub_config, to_plain
 from zoo.moe.config import MoEConfig
 from zoo.moe.quantized import QuantizationConfig
 
@@ -56,7 +56,13 @@ class EncoderConfig:
         from zoo.encoders import ENCODERS
         from zoo.transforms.upcycle import UPCYCLERS
 
-        ENCODERS.entry(self.kind)
+        with key_path("kind"):
+            ENCODERS.entry(self.kind)
+        if self.kind == "timm" and isinstance(self.name, str) and self.name:
+            from zoo.encoders.vision import check_timm_name
+
+            with key_path("name"):
+                check_timm_name(self.name)  # a typo fails where it is written, not when the model is built
         if self.moe is not None:
             self.moe = sub_config(MoEConfig, self.moe, "moe")
         UPCYCLERS.options(self.upcycler, self.upcycler_options)
@@ -103,6 +109,75 @@ class LMConfig:
     config: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     freeze: bool = False
+
+    def __post_init__(self) -> None:
+        self.config = check_lm_config(self.model_type, self.config)
+
+
+# Keys transformers configs take and turn into something else (so they are no attribute afterwards).
+_CONSUMED_KEYS = frozenset({"rope_theta", "rope_scaling", "attn_implementation", "experts_implementation", "torch_dtype",
+                            "torchscript", "output_attentions", "use_return_dict", "name_or_path", "num_labels"})
+_LM_KEYS: dict[str, tuple[type, dict[str, Any]]] = {}
+
+
+def _lm_config_keys(model_type: str) -> tuple[type, dict[str, Any]]:
+    """(transformers config class, accepted key -> default value) of `model_type` (cached)."""
+    if model_type not in _LM_KEYS:
+        import inspect
+
+        from transformers import CONFIG_MAPPING, PretrainedConfig
+
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"unknown transformers model type {model_type!r}{close_matches(model_type, list(CONFIG_MAPPING.keys()))}",
+                              ("model_type",))
+        cls = CONFIG_MAPPING[model_type]
+        defaults = {k: v for k, v in vars(cls()).items() if not k.startswith("_")}
+        names = set(_CONSUMED_KEYS) | set(getattr(cls, "attribute_map", {}) or {})
+        for c in (cls, PretrainedConfig):
+            names |= {p for p in inspect.signature(c.__init__).parameters if p not in ("self", "kwargs")}
+        names |= {n for n in dir(cls) if not n.startswith("_") and isinstance(getattr(cls, n, None), property)}
+        _LM_KEYS[model_type] = (cls, {**{n: None for n in names}, **defaults})
+    return _LM_KEYS[model_type]
+
+
+def check_lm_config(model_type: str, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` checked against the transformers config class of `model_type`.
+
+    A key that class does not know (a typo would otherwise be stored and ignored, and the LM built
+    at transformers' default size) is named with its close matches; a value whose kind differs from
+    the class default's (a string where a number belongs, `2.5` where an integer belongs) is refused.
+    A numeric string where a float belongs (YAML's `1e-6`) is read as the number.
+
+    Raises:
+        ConfigError: at key path `config.<key>` (or `model_type`).
+    """
+    if not isinstance(config, dict):
+        raise ConfigTypeError(f"expected a mapping of transformers config fields, got {type(config).__name__}", ("config",))
+    cls, accepted = _lm_config_keys(model_type)
+    out = dict(config)
+    for key, value in config.items():
+        if key not in accepted:
+            probe = cls(**{key: value}) if isinstance(key, str) else None
+            if probe is not None and key not in vars(probe):
+                continue  # consumed by the class (a legacy name it converts)
+            raise ConfigError(f"{cls.__name__} has no field {key!r}{close_matches(key, [k for k in accepted if not k.startswith('_')])} "
+                              f"(transformers would store it and ignore it)", ("config", str(key)))
+        default = accepted[key]
+        if isinstance(default, bool):
+            hint = bool
+        elif isinstance(default, int):
+            hint = int
+        elif isinstance(default, float):
+            hint = float
+        else:
+            continue
+        if value is None:
+            continue
+        try:
+            out[key] = check_value(value, hint, ("config", str(key)))
+        except ConfigTypeError as e:
+            raise e.context(f"{cls.__name__}.{key} (default {default!r})") from None
+    return out
 
 
 @dataclass
@@ -213,13 +288,22 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         """Read a `.yaml`/`.yml` or `.json` file."""
+        import json
+
+        from zoo.config import ConfigError, in_file, load_yaml
+
         p = Path(path)
-        text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
-            return cls.from_yaml(text)
-        if p.suffix == ".json":
-            return cls.from_json(text)
-        raise ValueError(f"ModelConfig.load: {path} is neither .yaml/.yml nor .json")
+            data = load_yaml(p)
+        elif p.suffix == ".json":
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"line {e.lineno}, column {e.colno}: JSON syntax error: {e.msg}", file=p) from None
+        else:
+            raise ValueError(f"ModelConfig.load: {path} is neither .yaml/.yml nor .json")
+        with in_file(p):
+            return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Write as YAML or JSON, by suffix."""
@@ -232,4 +316,4 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.save: {path} is neither .yaml/.yml nor .json")
 
 
-__all__ = ["AdapterConfig", "ConnectorConfig", "EncoderConfig", "LMConfig", "MODALITIES", "ModelConfig"]
+__all__ = ["check_lm_config", "AdapterConfig", "ConnectorConfig", "EncoderConfig", "LMConfig", "MODALITIES", "ModelConfig"]

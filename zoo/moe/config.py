@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.config import config_from_dict, config_to_dict
+from zoo.config import config_from_dict, config_to_dict, key_path, rewrap
 
 LAYER_PATTERNS = ("all", "every_other", "first_half", "second_half")
 
@@ -48,19 +48,26 @@ class MoEConfig:
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"MoEConfig: num_experts must be an integer >= 1, got {self.num_experts!r}")
         try:
-            opts = ROUTERS.options(self.router, self.router_options)
-            if hasattr(opts, "validate_for"):
-                opts.validate_for(self.num_experts)
-            check_loss_coefs(self.router, self.loss_coefs)
+            with key_path("router"):
+                ROUTERS.entry(self.router)
+            with key_path("router_options"):
+                opts = ROUTERS.options(self.router, self.router_options)
+                if hasattr(opts, "validate_for"):
+                    opts.validate_for(self.num_experts)
+            with key_path("loss_coefs"):
+                check_loss_coefs(self.router, self.loss_coefs)
             if self.experts == "auto":
                 if self.experts_options:
                     raise ValueError(f"experts_options {sorted(self.experts_options)} need an explicit expert kind "
                                      f"(one of {EXPERTS.names()}), not experts='auto'")
                 experts_opts = {}
             else:
-                experts_opts = EXPERTS.options(self.experts, self.experts_options)
+                with key_path("experts"):
+                    EXPERTS.entry(self.experts)
+                with key_path("experts_options"):
+                    experts_opts = EXPERTS.options(self.experts, self.experts_options)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"MoEConfig: {e}") from None
+            raise rewrap(e, "MoEConfig") from None
         self.experts_options = config_to_dict(experts_opts) if dataclasses.is_dataclass(experts_opts) else dict(experts_opts)
         self.router_options = config_to_dict(opts) if dataclasses.is_dataclass(opts) else dict(opts)
         self.loss_coefs = {k: float(v) for k, v in self.loss_coefs.items()}
