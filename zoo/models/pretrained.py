@@ -10,7 +10,8 @@ before anything is built from it:
   vocabulary has it already (then its id is reused: no duplicate is added);
 - the config records the LM's full transformers config with the grown `vocab_size`, its
   `model_type`, and the placeholder ids, so `build_model(cfg)` (and a checkpoint load, which builds
-  from the config with no weights) makes the same shapes.
+  from the config with no weights) makes the same shapes. A pretrained Whisper tower's config
+  fields are recorded in its encoder `options` for the same reason (its window kept).
 
 `build_language_model` then loads the weights and grows the embeddings (and an untied head) to
 `vocab_size`. New rows are the mean of the old rows, as LLaVA initializes its added tokens: the
@@ -111,6 +112,7 @@ def resolve_pretrained(cfg, tokenizer=None):
     """
     from transformers import AutoConfig
 
+    cfg = _resolve_encoders(cfg)
     if cfg.lm.weights is None:
         return cfg, None
     spec = cfg.lm.weights
@@ -129,6 +131,28 @@ def resolve_pretrained(cfg, tokenizer=None):
     for modality, token_id in ids.items():
         setattr(out, f"{modality}_token_id", token_id)
     return out, tokenizer
+
+
+def _resolve_encoders(cfg):
+    """Record a pretrained Whisper tower's own config fields in its `options` (the window kept), so a
+    checkpoint, which builds its encoders with no weights, gets the tower's shapes."""
+    from transformers import WhisperConfig
+
+    out = None
+    for modality, enc in cfg.encoders.items():
+        if enc.kind != "whisper" or enc.weights is None:
+            continue
+        from zoo.io.sources import resolve_weights
+
+        path = resolve_weights(enc.weights)
+        if not path.is_dir():
+            continue  # a state-dict file: its options already are the whole config
+        fields = _hf_config_dict(WhisperConfig.from_pretrained(str(path), local_files_only=True))
+        options = {**fields, **enc.options}
+        if options != enc.options:
+            out = out or copy.deepcopy(cfg)
+            out.encoders[modality].options = options
+    return out or cfg
 
 
 def resize_embeddings(lm: nn.Module, vocab_size: int) -> None:
