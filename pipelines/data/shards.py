@@ -6,7 +6,8 @@ Layout of one family directory::
     <dir>/manifest.json   {"task_family", "source", "params", "splits": {split: {"count", "shards": [...]}}}
 
 Each sample is stored as tar members sharing its key: ``<key>.json`` (task_family, split,
-instruction, answer, and a list of media kinds with their sha256) and ``<key>.<i>.png`` /
+instruction, answer, a list of media kinds with their sha256, and ``subtype`` only when the sample
+has one) and ``<key>.<i>.png`` /
 ``<key>.<i>.wav`` for media item ``i``. Tar headers have fixed mtime/owner, so the same samples
 give byte-identical shards.
 """
@@ -54,6 +55,8 @@ def encode_sample(sample: Sample) -> dict[str, bytes | str]:
         "answer": sample.answer,
         "media": [{"kind": m.kind, "sha256": m.sha256} for m in sample.media],
     }
+    if sample.subtype:  # optional: absent for families without subtypes (their shards stay byte-identical)
+        meta["subtype"] = sample.subtype
     out: dict[str, bytes | str] = {"__key__": sample.key, "json": json.dumps(meta, sort_keys=True).encode()}
     for i, m in enumerate(sample.media):
         out[f"{i}{m.ext}"] = m.data
@@ -92,7 +95,8 @@ def decode_sample(raw: dict) -> Sample:
     extra = sorted(k for k in raw if not k.startswith("__") and k not in known)
     if extra:
         raise SchemaError(f"sample {key!r}: unexpected members {extra}")
-    sample = Sample(key, meta["task_family"], meta["split"], meta["instruction"], meta["answer"], tuple(media))
+    sample = Sample(key, meta["task_family"], meta["split"], meta["instruction"], meta["answer"], tuple(media),
+                    subtype=meta.get("subtype", ""))
     sample.validate()
     return sample
 
