@@ -23,23 +23,39 @@ from zoo.moe.routers import RouterOutput, TopKRouter
 class MLPProjector(nn.Module):
     """LLaVA's `multi_modal_projector`: linear -> GELU -> linear (depth 2), or a single linear (depth 1).
 
+    With `stride` k > 1, each run of k consecutive encoder tokens is concatenated into one before the
+    projection (`[n, N, D] -> [n, ceil(N / k), k D]`, the last run zero-padded), so a long sequence
+    (Whisper's 50 frames a second) reaches the LM k times shorter: the frame-stacking downsampler
+    of speech LLMs (e.g. LLaMA-Omni's k = 5), kept as an option of the MLP so the projector stays
+    LLaVA's when k = 1.
+
     Args:
         in_dim: encoder feature size D.
         out_dim: LM hidden size d.
         depth: number of linear layers (LLaVA-1.5 "mlp2x_gelu" is 2).
+        stride: encoder tokens per LM token (1: LLaVA's one to one).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, depth: int = 2) -> None:
+    def __init__(self, in_dim: int, out_dim: int, *, depth: int = 2, stride: int = 1) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLPProjector: depth must be >= 1, got {depth}")
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        if stride < 1:
+            raise ValueError(f"MLPProjector: stride must be >= 1, got {stride}")
+        self.stride = stride
+        layers: list[nn.Module] = [nn.Linear(in_dim * stride, out_dim)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor, text=None, text_mask=None) -> tuple[torch.Tensor, None]:
-        """`[n, N, D] -> ([n, N, d], None)`: one LM token per encoder token."""
+        """`[n, N, D] -> ([n, ceil(N / stride), d], None)`: one LM token per `stride` encoder tokens."""
+        if self.stride > 1:
+            n, length, dim = features.shape
+            pad = -length % self.stride
+            if pad:
+                features = torch.cat([features, features.new_zeros(n, pad, dim)], dim=1)
+            features = features.reshape(n, (length + pad) // self.stride, self.stride * dim)  # [n, N/k, kD]
         return self.net(features), None
 
 

@@ -17,6 +17,19 @@ def test_mlp_projector_is_linear_gelu_linear():
     assert routing is None
 
 
+def test_mlp_projector_stride_stacks_consecutive_tokens():
+    proj = MLPProjector(8, 16, stride=4)
+    x = torch.randn(2, 10, 8)
+    out, _ = proj(x)
+    assert out.shape == (2, 3, 16)  # ceil(10 / 4)
+    l1, l2 = proj.net[0], proj.net[2]
+    for t in range(3):  # LM token t sees encoder tokens 4t..4t+3 side by side (zeros past the end)
+        run = torch.cat([x[:, 4 * t + i] if 4 * t + i < 10 else torch.zeros(2, 8) for i in range(4)], dim=-1)
+        torch.testing.assert_close(out[:, t], F.linear(F.gelu(F.linear(run, l1.weight, l1.bias)), l2.weight, l2.bias))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        MLPProjector(8, 16, stride=0)
+
+
 def test_resampler_fixed_queries_and_key_permutation_invariance():
     res = QueryResampler(12, 16, num_queries=4, num_layers=2, num_heads=4).eval()
     a = torch.randn(3, 10, 12)

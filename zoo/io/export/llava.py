@@ -456,6 +456,9 @@ def llava_blockers(model: nn.Module, model_config: Any) -> list[str]:
             net = model.connectors["image"].net
             if len(net) != 3 or _gelu_name(net[1]) != "gelu":
                 out.append(f"connectors.image: an mlp of depth {(len(net) + 1) // 2}; {PROJECTOR} (depth 2)")
+            if getattr(model.connectors["image"], "stride", 1) != 1:
+                out.append(f"connectors.image: an mlp that stacks {model.connectors['image'].stride} tokens into one; "
+                           f"{PROJECTOR} (one LM token per vision token)")
     if model_config.adapters:
         out.append(f"adapters: {[a.kind for a in model_config.adapters]} are not merged into the LM; "
                    "LLaVA's language_model is a plain transformers model")
