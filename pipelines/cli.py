@@ -83,14 +83,18 @@ def _checkpoint_dir(target: str, cards_dir) -> tuple[Path, Path | None]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from zoo.pipelines.eval import evaluate_checkpoint
 
-    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+    if not args.family and not args.perplexity:
+        raise ValueError("zoo eval needs --family (repeatable) or --perplexity N")
+    for flag, value, low in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--bootstrap", args.bootstrap, 0), ("--perplexity", args.perplexity, 0)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.data is not None and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data!r} is not a directory of built data")
     checkpoint, data = _checkpoint_dir(args.checkpoint, args.cards_dir)
-    for r in evaluate_checkpoint(checkpoint, args.family, data_dir=args.data or data, split=args.split, limit=args.limit,
-                                 max_new_tokens=args.max_new_tokens, quiet=args.quiet or None):
+    for r in evaluate_checkpoint(checkpoint, args.family or [], data_dir=args.data or data, split=args.split,
+                                 limit=args.limit, max_new_tokens=args.max_new_tokens, quiet=args.quiet or None,
+                                 metric=args.metric, bootstrap=args.bootstrap, perplexity_lines=args.perplexity):
         print(json.dumps(r))
     return 0
 
@@ -184,11 +188,15 @@ def add_training_commands(sub) -> None:
 
     s = sub.add_parser("eval", help="score a checkpoint on task families' held-out splits (greedy generation)")
     s.add_argument("checkpoint", help="a model directory (recipe output, installed checkpoint) or a card name")
-    s.add_argument("--family", action="append", required=True, help="task family (repeatable)")
+    s.add_argument("--family", action="append", help="task family (repeatable)")
     s.add_argument("--data", help="built data directory (default: the data of the checkpoint's run)")
     s.add_argument("--split", default="test")
     s.add_argument("--limit", type=int, default=None, help="score at most this many (scored-kind) samples")
     s.add_argument("--max-new-tokens", type=int, default=12)
+    s.add_argument("--metric", default=None, help="score with this metric instead of each family's own (e.g. wer)")
+    s.add_argument("--bootstrap", type=int, default=0, help="resamples for a 95%% bootstrap interval over test items")
+    s.add_argument("--perplexity", type=int, default=0,
+                   help="also measure held-out English perplexity on N corpus validation lines (and the pretrained LM's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_eval)
 

@@ -11,11 +11,13 @@ from zoo.models.pretrained import resolve_pretrained
 
 
 class Datasets(dict):
-    """family -> training samples, with `.test` (family -> test samples) beside it."""
+    """family -> training samples, with `.test` (family -> test samples) and `.heldout_text` (held-out
+    English lines for perplexity, empty unless the recipe's eval asks for it) beside it."""
 
-    def __init__(self, train: dict[str, list], test: dict[str, list]):
+    def __init__(self, train: dict[str, list], test: dict[str, list], heldout_text: list[str] | None = None):
         super().__init__(train)
         self.test = test
+        self.heldout_text = list(heldout_text or [])
 
 
 def load_datasets(data_dir: Path, families: set[str], split: str = "train") -> dict[str, list]:
@@ -71,7 +73,12 @@ def prepare(recipe, out_dir: Path, data_dir: Path | None = None):
     model = build_model(dataclasses.replace(model_cfg, lm=dataclasses.replace(model_cfg.lm, weights=None)))
     processor = MultimodalProcessor.from_model(model, tokenizer)
     test = load_datasets(data_dir, families - {"corpus"}, "test") if recipe.eval is not None else {}
-    return Datasets({f: d for f, d in datasets.items() if f in families}, test), processor
+    out = Datasets({f: d for f, d in datasets.items() if f in families}, test)
+    if recipe.eval is not None and recipe.eval.perplexity:
+        from zoo.pipelines.eval import heldout_text
+
+        out.heldout_text = heldout_text(data_dir, recipe.eval.perplexity)
+    return out, processor
 
 
 __all__ = ["Datasets", "load_datasets", "prepare"]

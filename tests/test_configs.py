@@ -84,7 +84,7 @@ def test_unknown_keys_are_named_at_every_level():
         ModelConfig.from_dict({**base, "moe": {"expert": 4}})
     with pytest.raises(ValueError, match=r"moe\.router_options: MoEConfig: router 'topk': TopKOptions: unknown config key\(s\) \['topk'\] \(did you mean 'top_k'\?\)"):
         ModelConfig.from_dict({**base, "moe": {"router_options": {"topk": 2}}})
-    with pytest.raises(ValueError, match=r"connectors\.image: connector 'mlp': unknown option\(s\) \['dept'\]; accepted options are \['depth'\]"):
+    with pytest.raises(ValueError, match=r"connectors\.image: connector 'mlp': unknown option\(s\) \['dept'\]; accepted options are \['depth', 'stride'\]"):
         ModelConfig.from_dict({**base, "connectors": {"image": {"kind": "mlp", "options": {"dept": 2}}}})
     with pytest.raises(ValueError, match=r"adapters\[0\]: adapter 'lora': LoRAOptions: unknown config key\(s\) \['rank'\]"):
         ModelConfig.from_dict({**base, "adapters": [{"kind": "lora", "options": {"rank": 4}}]})

@@ -72,3 +72,62 @@ def test_real_model_generates_and_unknown_family_is_named(setup):
     assert 0.0 <= r["value"] <= 1.0 and len(r["examples"]) == 2
     with pytest.raises(ValueError, match="no metric for task family 'poetry'"):
         evaluate(model, processor, samples, family="poetry")
+
+
+def test_bootstrap_interval_against_a_naive_loop():
+    import numpy as np
+
+    from zoo.pipelines.eval import bootstrap_interval
+
+    scores = [1.0] * 30 + [0.0] * 20
+    low, high = bootstrap_interval(scores, 500, seed=3)
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 50, size=(500, 50))
+    means = sorted(sum(scores[j] for j in row) / 50 for row in draws)  # the same resamples, summed by hand
+    assert low == pytest.approx(float(np.quantile(means, 0.025))) and high == pytest.approx(float(np.quantile(means, 0.975)))
+    assert low < 0.6 < high and 0.05 < high - low < 0.4  # a binomial mean's spread at n = 50
+    assert bootstrap_interval([0.5] * 10, 100) == (0.5, 0.5)
+
+
+def test_perplexity_is_the_exponent_of_the_mean_token_loss():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zoo.pipelines.eval import perplexity
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 50, vocab_size=300)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4)).eval()
+    texts = ["the cat sat on the mat", "a dog ran", "the park"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:  # one line at a time, no padding: transformers' own mean loss, weighted by tokens
+            ids = tok(t, return_tensors="pt")["input_ids"]
+            total += lm(ids, labels=ids).loss.double().item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert perplexity(lm, tok, texts, batch_size=2) == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_eval_spec_checks_metrics_and_counts():
+    from zoo.pipelines.stages.recipe import EvalSpec
+
+    assert EvalSpec(metrics={"asr": "wer"}, bootstrap=100).metrics == {"asr": "wer"}
+    with pytest.raises(ValueError, match="unknown metric 'werr'"):
+        EvalSpec(metrics={"asr": "werr"})
+    with pytest.raises(ValueError, match="unknown task family 'sound'"):
+        EvalSpec(metrics={"sound": "wer"})
+    with pytest.raises(ValueError, match="bootstrap and perplexity must be >= 0"):
+        EvalSpec(bootstrap=-1)
+
+
+def test_cards_carry_a_bootstrap_interval(tmp_path):
+    from zoo.catalog.cards import CatalogError, parse_card
+
+    def card(boot):
+        path = tmp_path / "m.md"
+        path.write_text("---\nname: m\nversion: 1.0.0\ntask_family: vqa\ndescription: d\nlicense: mit\nconfig: c.yaml\n"
+                        f"uri: /x\nmetrics:\n  vqa/exact_match: {{value: 0.5, command: zoo list, bootstrap: {boot}}}\n---\n# m\n")
+        return parse_card(path)
+
+    assert card("[0.4, 0.6]").metrics[0].bootstrap == (0.4, 0.6)
+    with pytest.raises(CatalogError, match="bootstrap must be \\[low, high\\] around the value 0.5"):
+        card("[0.6, 0.7]")

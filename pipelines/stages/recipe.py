@@ -19,10 +19,31 @@ class EvalSpec:
     Attributes:
         limit: test samples per family (None: all).
         max_new_tokens: greedy generation length.
+        metrics: task family -> metric name (`zoo.pipelines.eval.SCORERS`) instead of the family's
+            default (e.g. `{asr: wer}`).
+        bootstrap: resamples of the test items for each figure's 95% percentile bootstrap interval
+            (0: none).
+        perplexity: held-out English lines (the corpus' validation split) on which each evaluated
+            output's perplexity is measured, next to the pretrained LM's own when the model starts
+            from one: what the multimodal training cost the LM (0: not measured).
     """
 
     limit: int | None = 200
     max_new_tokens: int = 12
+    metrics: dict[str, str] = field(default_factory=dict)
+    bootstrap: int = 0
+    perplexity: int = 0
+
+    def __post_init__(self) -> None:
+        from zoo.pipelines.eval import METRIC_OF_FAMILY, SCORERS
+
+        for family, metric in self.metrics.items():
+            if family not in METRIC_OF_FAMILY:
+                raise ValueError(f"eval.metrics: unknown task family {family!r}; known: {sorted(METRIC_OF_FAMILY)}")
+            if metric not in SCORERS:
+                raise ValueError(f"eval.metrics.{family}: unknown metric {metric!r}; known: {sorted(SCORERS)}")
+        if self.bootstrap < 0 or self.perplexity < 0:
+            raise ValueError(f"eval: bootstrap and perplexity must be >= 0, got {self.bootstrap} and {self.perplexity}")
 
 
 DATA_KEYS = {"max_per_split": int | None, "options": dict[str, dict[str, Any]]}

@@ -190,6 +190,9 @@ class Metric:
         dataset: what it was measured on, when it is not implied by the command.
         seeds: the seeds it was measured over (empty: one build).
         interval: (low, high), the 95% Student-t interval of the mean over `seeds`.
+        bootstrap: (low, high), the 95% percentile bootstrap interval of one build's figure over its
+            test items (`zoo.pipelines.eval.bootstrap_interval`): the test set's sampling error,
+            not the seed's.
     """
 
     name: str
@@ -198,6 +201,7 @@ class Metric:
     dataset: str | None = None
     seeds: tuple[int, ...] = ()
     interval: tuple[float, float] | None = None
+    bootstrap: tuple[float, float] | None = None
 
     def inside(self, value: float) -> bool | None:
         """Whether `value` (say, another build's figure) lies in the interval; None without one."""
@@ -326,12 +330,18 @@ def _metrics(raw: Any, where: str) -> tuple[Metric, ...]:
             if len(seeds) < 2:
                 raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) has an interval but not the >= 2 "
                                    f"seeds it is over (seeds: {seeds!r})")
+        boot = m.get("bootstrap")
+        if boot is not None and not (isinstance(boot, list) and len(boot) == 2 and all(map(_is_number, boot))
+                                     and boot[0] <= value <= boot[1]):
+            raise CatalogError(f"{where}: metrics[{i}] ({m.get('name')!r}) bootstrap must be [low, high] around "
+                               f"the value {value!r}, got {boot!r}")
         out.append(Metric(_text(m, "name", f"{where}: metrics[{i}]"), float(value), m["command"].strip(), m.get("dataset"),
-                          tuple(seeds), None if interval is None else (float(interval[0]), float(interval[1]))))
+                          tuple(seeds), None if interval is None else (float(interval[0]), float(interval[1])),
+                          None if boot is None else (float(boot[0]), float(boot[1]))))
     return tuple(out)
 
 
-METRIC_FIELDS = ("name", "value", "command", "dataset", "seeds", "interval")
+METRIC_FIELDS = ("name", "value", "command", "dataset", "seeds", "interval", "bootstrap")
 
 
 def _is_number(value: Any) -> bool:

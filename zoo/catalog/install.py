@@ -69,7 +69,8 @@ def _metric_dicts(metrics: Sequence[Metric] | Mapping[str, Mapping[str, Any]]) -
         items = [{"name": k, **dict(v)} for k, v in metrics.items()]
     else:
         items = [{"name": m.name, "value": m.value, "command": m.command, "dataset": m.dataset,
-                  "seeds": list(m.seeds) or None, "interval": None if m.interval is None else list(m.interval)}
+                  "seeds": list(m.seeds) or None, "interval": None if m.interval is None else list(m.interval),
+                  "bootstrap": None if m.bootstrap is None else list(m.bootstrap)}
                  for m in metrics]
     out = []
     for m in items:
