@@ -20,6 +20,7 @@ from zoo.io.locks import hold_lock, remove_stale_temporaries
 from zoo.io.model_dir import load_model_dir, save_model_dir
 from zoo.models.builders import build_model
 from zoo.models.pretrained import resolve_pretrained
+from zoo.pipelines.disk import check_disk
 from zoo.pipelines.collate import MixedBatches, frozen_encoder_caches
 from zoo.pipelines.datasets import prepare
 from zoo.pipelines.engine import EngineSpec, make_engine
@@ -183,6 +184,8 @@ def _run_locked(recipe: RecipeConfig, out_dir: Path, only, resume: bool, data_di
     if _is_main():
         _barrier()
     check_data(recipe, datasets, only)
+    if _is_main():
+        check_disk(recipe, out_dir, only)  # before hours of training, not at the first write that fails
     outputs = {}
     for stage in recipe.stages:
         if only and stage.name not in only:
