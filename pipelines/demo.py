@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default="tiny-zoo", help="build the cards whose recipe file has this stem")
     p.add_argument("--cards-dir", default=None, help="model cards directory (default: the cards shipped with moe-zoo)")
     p.add_argument("--rebuild", action="store_true", help="re-run the recipe even if the zoo is built")
+    p.add_argument("--resume", action="store_true", help="continue a killed build from its stages' newest checkpoints")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     if a.rebuild or not all(is_installed(c) for c in cards):
         print(f"building {', '.join(c.ref for c in cards)} from {cards[0].recipe} (one run builds them all)")
-        build(cards[0].name, str(cards[0].version), force=a.rebuild, cards_dir=a.cards_dir)
+        build(cards[0].name, str(cards[0].version), force=a.rebuild, resume=a.resume, cards_dir=a.cards_dir)
         print(f"built in {time.time() - t0:.0f}s")
     rows = []
     for card in cards:
@@ -54,11 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, m in metrics.items():
             if not name.endswith("majority_baseline"):
                 base = metrics.get(name.split("/")[0] + "/majority_baseline", {}).get("value")
+                boot = m.get("bootstrap")
+                dataset = m.get("dataset", "") + (f"; bootstrap 95% [{boot[0]:.3f}, {boot[1]:.3f}]" if boot else "")
                 rows.append((card.ref, name, m["value"], base, _published(published.get(name), m["value"]),
-                             m.get("dataset", ""), example))
-    print(f"\n{'model':<24} {'metric':<22} {'value':>6} {'baseline':>8}  {'published (card)':<32} measured on")
+                             dataset, example))
+    print(f"\n{'model':<28} {'metric':<30} {'value':>7} {'baseline':>8}  {'published (card)':<32} measured on")
     for ref, name, value, base, pub, dataset, _ in rows:
-        print(f"{ref:<24} {name:<22} {value:6.3f} {base if base is not None else float('nan'):8.3f}  {pub:<32} {dataset}")
+        print(f"{ref:<28} {name:<30} {value:7.3f} {base if base is not None else float('nan'):8.3f}  {pub:<32} {dataset}")
     print("\none held-out example per model (loaded with zoo.load):")
     for ref, example in dict((r[0], r[6]) for r in rows).items():
         print(f"  {ref:<24} {example}")
