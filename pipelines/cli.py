@@ -5,6 +5,7 @@
     zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
     zoo experiment EXPERIMENT [EXPERIMENT ...] [--out ROOT] [--store DIR] [--variant V ...] [--seeds 0,1,2] [--dry-run]
     zoo report RESULTS [RESULTS ...] [--readme README.md] [--results bench/RESULTS.md] [--cards model_cards]
+    zoo harness lm-eval|lmms-eval HARNESS-ARGS... | zoo harness tasks --data DIR --family F --out DIR
 
 RECIPE is a recipe file or the name of a shipped one (`tiny-zoo`, `micro`). CHECKPOINT is a model
 directory (a recipe output, an installed checkpoint) or a card name. Bad input ends with one line
@@ -221,8 +222,11 @@ def add_training_commands(sub) -> None:
 
 
 def make_full_parser() -> argparse.ArgumentParser:
+    from zoo.pipelines.harness.cli import add_harness_command
+
     parser, sub = make_parser()
     add_training_commands(sub)
+    add_harness_command(sub)  # zoo harness lm-eval|lmms-eval|tasks ... (zoo.pipelines.harness)
     return parser
 
 
