@@ -207,3 +207,28 @@ def test_whisper_tiny_en_tower_from_its_source_rebuilds_from_the_config_alone():
     mel = torch.randn(1, 80, 200)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encoders["audio"](mel), model.encoders["audio"](mel), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_upcycled_smollm2_exports_to_plain_transformers_with_tied_embeddings(smollm2, tmp_path):
+    from zoo.io.export.hf import to_hf
+    from zoo.models.pretrained import weights_dir
+
+    lm = AutoModelForCausalLM.from_pretrained(str(weights_dir(smollm2[0].lm.weights)))
+    moe = upcycle(lm, MoEConfig(num_experts=4, router="topk", router_options={"top_k": 2}, layers="every_other")).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts and routers as after training: different from each other
+        for name, p in moe.named_parameters():
+            if ".experts." in name or ".router." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    hf = to_hf(moe)
+    hf.save_pretrained(str(tmp_path))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert plain.config.tie_word_embeddings
+    assert plain.get_input_embeddings().weight.data_ptr() == plain.get_output_embeddings().weight.data_ptr()
+    ids = smollm2[1]("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = moe.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        theirs = plain.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
