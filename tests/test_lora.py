@@ -222,3 +222,24 @@ def test_errors_name_the_cause():
     with pytest.raises(RuntimeError, match="not merged"):
         lin.unmerge()
     assert isinstance(apply_mixlora(dense_lm(), num_experts=2, r=4, alpha=8, router_options={"top_k": 1}), MoECausalLM)
+
+
+@pytest.mark.parametrize("kind", ["mixlora", "loramoe"])
+def test_lora_experts_train_under_bf16_autocast(kind):
+    """Under CPU bf16 autocast the experts' outputs are bf16 while the residual stream stays fp32: the
+    combine must accumulate in the stream's dtype (it failed in index_add_ before) and match fp32 closely."""
+    lm = dense_lm()
+    options = {"r": 4, "alpha": 8, "num_experts": 4}
+    if kind == "mixlora":
+        options["router_options"] = {"top_k": 2}
+    from zoo.transforms.adapters import ADAPTERS
+
+    model = ADAPTERS.build(kind, options).apply(lm)
+    randomize_lora(model)
+    ids, mask = batch()
+    ref = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    out.backward()
+    assert out.dtype == torch.float32 and abs(out.item() - ref.item()) < 0.05
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)

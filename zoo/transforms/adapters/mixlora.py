@@ -92,7 +92,8 @@ class MixLoRAExperts(nn.Module):
             u = up0[tok] + self._lora("up", e, xe)
             h = base.act_fn(g) * u
             out = base.down_proj(h) + self._lora("down", e, h)  # [n, d]
-            y.index_add_(0, tok, out * weights[tok, slot].unsqueeze(-1).to(out.dtype))
+            # under autocast `out` is bf16 while `y` keeps x's dtype: accumulate in y's
+            y.index_add_(0, tok, (out * weights[tok, slot].unsqueeze(-1).to(out.dtype)).to(y.dtype))
         return y
 
     def extra_repr(self) -> str:
