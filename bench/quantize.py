@@ -40,7 +40,8 @@ import transformers
 from zoo import MoEConfig
 from zoo.kernels import quantized, reference
 from zoo.moe import build_sparse_moe
-from zoo.transforms.quantize import expert_weight_bytes, quantize_experts, quantize_model_dir
+from zoo.io.quantize import quantize_model_dir
+from zoo.transforms.quantize import expert_weight_bytes, quantize_experts
 
 
 def compare(fns: dict, repeats: int) -> dict[str, float]:

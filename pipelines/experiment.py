@@ -79,7 +79,7 @@ class Comparison:
         expect: what `a - b` should be: "higher", "lower", "not_lower" (no worse than `margin`
             below), "not_higher".
         metric: "task" (each family's task metric) or one of the efficiency fields
-            (`experts_per_token`, `active_params`, `flops_per_token`, `trainable_params`,
+            (`experts_per_token`, `max_vio`, `active_params`, `flops_per_token`, `trainable_params`,
             `stored_bytes`, `wall_s`).
         margin: tolerance of the "not_*" expectations, in the metric's units.
     """
@@ -564,12 +564,13 @@ def routing_cost(model, batch: dict) -> dict[str, Any]:
 
     Returns:
         `{"experts_per_token": mean over the LM's MoE layers or None (dense), "per_layer": [...],
-        "active_params", "total_params", "flops_per_token"}` (LM only).
+        "max_vio": MaxVio (max load / mean load - 1) averaged over the MoE layers or None,
+        "max_vio_per_layer", "active_params", "total_params", "flops_per_token"}` (LM only).
     """
     import torch
 
     from zoo.moe.capture import capture_routing
-    from zoo.moe.losses import experts_per_token
+    from zoo.moe.losses import experts_per_token, load_fraction, max_violation
 
     lm = model.language_model
     with torch.no_grad(), capture_routing(lm) as records:
@@ -577,10 +578,12 @@ def routing_cost(model, batch: dict) -> dict[str, Any]:
     total = _count_params(lm)
     inactive = 0.0
     per_layer: dict[str, float] = {}
+    max_vio: dict[str, float] = {}
     for r in records:
         e = r.num_experts
         ept = float(experts_per_token(r.output.indices, r.context.get("mask")))
         per_layer[r.name] = ept
+        max_vio[r.name] = float(max_violation(load_fraction(r.output.indices, e, r.context.get("mask"))))
         experts = lm.get_submodule(r.name).experts
         stacked = sum(p.numel() for p in experts.parameters() if p.dim() and p.shape[0] == e)
         inactive += stacked * (1 - ept / e)
@@ -591,6 +594,8 @@ def routing_cost(model, batch: dict) -> dict[str, Any]:
     return {
         "experts_per_token": sum(per_layer.values()) / len(per_layer) if per_layer else None,
         "per_layer": per_layer,
+        "max_vio": sum(max_vio.values()) / len(max_vio) if max_vio else None,
+        "max_vio_per_layer": max_vio,
         "total_params": total,
         "active_params": round(active),
         "flops_per_token": round(2 * (active - (0 if tied else emb.weight.numel()))),

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from zoo.pipelines.experiment import ExperimentConfig, RunPlan, RunResult
 
 # Efficiency fields measured per output, in the order the table shows them.
-EFFICIENCY = ("experts_per_token", "active_params", "flops_per_token", "trainable_params", "stored_bytes", "wall_s")
+# `max_vio`: the LM's MaxVio (max expert load / mean load - 1, DeepSeek's imbalance), mean over its MoE layers.
+EFFICIENCY = ("experts_per_token", "max_vio", "active_params", "flops_per_token", "trainable_params", "stored_bytes",
+              "wall_s")
 
 
 def _per_family(results: list[RunResult]) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
@@ -162,12 +164,13 @@ def results_markdown(report: dict) -> str:
                       "count changes the results, so its variants are not one numerical regime.", ""]
     if report.get("factor"):
         lines += [f"Variants differ only in: {', '.join(f'`{f}`' for f in report['factor'])} (checked).", ""]
-    lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | active params | "
+    lines += ["| variant | family | metric | mean ± CI | majority baseline | experts/token | MaxVio | active params | "
               "FLOPs/token | trainable params | stored bytes | wall s (from scratch) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v, families in report["variants"].items():
         for family, e in sorted(families.items()):
-            eff = [_fmt_num(e[n]["mean"]) if n in e else ("dense" if n == "experts_per_token" else "–") for n in EFFICIENCY]
+            eff = [_fmt_num(e[n]["mean"]) if n in e else ("dense" if n in ("experts_per_token", "max_vio") else "–")
+                   for n in EFFICIENCY]
             lines.append(f"| {v} | {family} | {e['metric']} | {_interval_of(e['task']).format()} | "
                          f"{e['baseline']['mean']:.3f} | " + " | ".join(eff) + " |")
     for name, per_family in report.get("equal", {}).items():

@@ -53,7 +53,8 @@ def _layer_order(item) -> tuple:
 
 
 def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: str | Path, title: str = "") -> Path:
-    """Grouped bars: one panel per MoE layer, experts on x, one bar per family; saved as PNG."""
+    """Grouped bars: one panel per MoE layer, experts on x, one bar per family; saved as PNG. Each panel's
+    title gives the layer's MaxVio (max load / mean load - 1, DeepSeek's imbalance), the worst family's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,8 @@ def plot_expert_load(loads: Mapping[str, Mapping[int, Sequence[float]]], path: s
             xs = [e + (i - (len(families) - 1) / 2) * width for e in range(num_experts)]
             ax.bar(xs, loads[family].get(layer, [0] * num_experts), width, label=family)
         ax.axhline(1 / num_experts, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"layer {layer}" if isinstance(layer, int) else str(layer))
+        vio = max(num_experts * max(loads[f][layer]) - 1 for f in families if layer in loads[f])  # MaxVio
+        ax.set_title((f"layer {layer}" if isinstance(layer, int) else str(layer)) + f"\nMaxVio {vio:.2f}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))
     axes[0][0].set_ylabel("load fraction")

@@ -13,7 +13,8 @@ from zoo.kernels import reference
 from zoo.models import ModelConfig, build_model
 from zoo.moe.experts import EXPERTS
 from zoo.moe.quantized import QuantizationConfig, QuantizedExperts
-from zoo.transforms.quantize import adaptive_group_size, expert_weight_bytes, quantize_experts, quantize_model_dir
+from zoo.io.quantize import quantize_model_dir
+from zoo.transforms.quantize import adaptive_group_size, expert_weight_bytes, quantize_experts
 
 D, F_, E = 32, 48, 4
 

@@ -322,6 +322,40 @@ def test_kmeans_routes_to_the_nearest_centroid_and_updates_by_hand():
     assert {"centroids", "counts", "initialized"} <= set(state), "the centroids are checkpointed buffers"
 
 
+# --- DeepSeek-V3 (sigmoid, selection bias, group-limited top-k) -----------------------------------
+
+
+def deepseek_v3_rule(row, bias, k, n_group, topk_group, scale, norm, score="sigmoid"):
+    """DeepSeek-V3's gate for one token in float64 Python: {expert: weight}."""
+    n = len(row)
+    if score == "sigmoid":
+        s = [1 / (1 + math.exp(-v)) for v in row]
+    else:
+        s = softmax64(torch.tensor(row))
+    c = [s[i] + bias[i] for i in range(n)]
+    per = n // n_group
+    group_score = [sum(sorted(c[g * per:(g + 1) * per], reverse=True)[:2]) for g in range(n_group)]
+    groups = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
+    allowed = [i for i in range(n) if i // per in groups]
+    chosen = sorted(allowed, key=lambda i: (-c[i], i))[:k]
+    total = sum(s[i] for i in chosen) if norm else 1.0
+    return {i: s[i] / total * scale for i in chosen}
+
+
+@pytest.mark.parametrize("k, n_group, topk_group, scale, norm, score", [
+    (2, 4, 2, 2.5, True, "sigmoid"), (3, 2, 1, 1.0, False, "sigmoid"), (2, 8, 3, 1.5, True, "sigmoid"),
+    (4, 1, 1, 1.0, True, "sigmoid"), (2, 4, 2, 1.0, True, "softmax")])
+def test_deepseek_v3_is_the_sigmoid_bias_group_limited_rule(k, n_group, topk_group, scale, norm, score):
+    router = identity_router("deepseek_v3", R=8, num_experts=8, top_k=k, n_group=n_group, topk_group=topk_group,
+                             routed_scaling_factor=scale, norm_topk_prob=norm, score_function=score)
+    bias = (torch.arange(8, dtype=torch.float32) % 3 - 1) * 0.15  # a trained bias: changes choices, not weights
+    router.e_score_correction_bias.copy_(bias)
+    rows = logit_rows(T=32, R=8, seed=3)
+    out = router(rows)
+    want = [deepseek_v3_rule(r.tolist(), bias.tolist(), k, n_group, topk_group, scale, norm, score) for r in rows.double()]
+    assert_same_choices(as_sets(out), want)
+
+
 # --- LoRAMoE --------------------------------------------------------------------------------------
 
 

@@ -161,7 +161,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from zoo.catalog.install import locate
-    from zoo.transforms.quantize import quantize_model_dir
+    from zoo.io.quantize import quantize_model_dir
 
     check_out(args.out, args.overwrite)
     path = local_dir(args.name, args.version, args.cards_dir)

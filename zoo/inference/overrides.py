@@ -19,6 +19,9 @@ What each option means (for every router in `zoo.moe.ROUTERS`):
   (none of them renormalizes), so expert choice becomes token choice (and causal); `null_experts`
   counts k among its E + N choices, a null choice staying an empty slot; `kmeans` takes the k
   nearest centroids with weight 1/k each (1 at k = 1, as the router does).
+  `deepseek_v3` ranks by affinity + selection bias, its group limit first (the experts of a
+  token's best groups before the others), and weights the chosen by their affinities, normalized
+  and scaled as the router does; its capacity (a training-time bound) is not applied.
 * `rank=r`: each token gets only its r-th best choice, weighted as the router weights a single
   choice (1 for renormalizing routers): SCMoE's rank-r weak activation (Shi et al. 2024).
 * `disable=[e, ...]`: those experts are never chosen. A disabled expert is removed from the router
@@ -126,12 +129,19 @@ class RerouteRule:
         slots: `router -> K` the router's own slot count.
         weigh: `(router, picked_scores [T, K], keep [T, K] bool, picked [T, K] choice ids) ->
             [T, K]` float32 combine weights of the kept choices (0 elsewhere).
+        rank_key: `(router, scores [T, R]) -> [T, R]` what ranks the choices when it is not the
+            score (DeepSeek-V3: affinity + selection bias); None: the scores.
+        allowed: `(router, rank_key [T, R], disabled choices -inf) -> [T, R]` bool, the choices a
+            token may take before any other (DeepSeek-V3's group limit); the others rank after
+            them (before the disabled). None: all.
     """
 
     scores: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     count: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     slots: Callable[[nn.Module], int]
     weigh: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    rank_key: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    allowed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def _softmax(router, logits):
@@ -176,6 +186,25 @@ def _uniform(router, picked, keep, ids):
     return keep.float() / n
 
 
+def _deepseek_scores(router, logits):
+    return router.scores(logits)
+
+
+def _deepseek_key(router, scores):
+    return scores + router.e_score_correction_bias.float().to(scores.device)
+
+
+def _deepseek_allowed(router, key):
+    from zoo.moe.routers.deepseek_v3 import group_limited_mask
+
+    return group_limited_mask(key.masked_fill(torch.isneginf(key), -1e30), router.n_group, router.topk_group)
+
+
+def _deepseek_weigh(router, picked, keep, ids):
+    w = _renormalized(picked, keep) if router.norm_topk_prob else _raw(router, picked, keep, ids)
+    return w * router.routed_scaling_factor
+
+
 def _topp_count(router, sorted_probs):
     return top_p_count(sorted_probs, router.p).clamp(max=router.max_k)
 
@@ -196,6 +225,10 @@ REROUTE_RULES: dict[str, RerouteRule] = {
     "smoe_dropout": RerouteRule(_identity, _fixed(lambda r: int(r.active_k)), lambda r: int(r.active_k), _softmax_of_kept),
     "kmeans": RerouteRule(_identity, _fixed(lambda r: 1), lambda r: 1, _uniform),
     "loramoe": RerouteRule(_softmax, _fixed(lambda r: r.num_experts), lambda r: r.num_experts, _raw),
+    # DeepSeek-V3: ranked by affinity + selection bias inside the token's best groups, weighted by the
+    # affinities of the chosen (normalized, scaled); capacity is a training-time bound, not applied here.
+    "deepseek_v3": RerouteRule(_deepseek_scores, _fixed(lambda r: r.top_k), lambda r: r.top_k, _deepseek_weigh,
+                               rank_key=_deepseek_key, allowed=_deepseek_allowed),
 }
 """Registered router name -> its `RerouteRule`. A new router adds its entry here (a test insists)."""
 
@@ -255,12 +288,18 @@ def reroute(router: nn.Module, logits: torch.Tensor, override: RoutingOverride,
     rule = REROUTE_RULES[name]
     T, R = masked.shape
     scores = rule.scores(router, masked)  # [T, R]
-    # Rank: by score (ties: lower id), then forced first and disabled last (stable).
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [T, R]
+    key = scores if rule.rank_key is None else rule.rank_key(router, scores)
+    # Rank: by key (ties: lower id), then forced first, outside the allowed next to last, disabled last (stable).
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [T, R]
     group = torch.zeros(R, dtype=torch.long, device=masked.device)
     group[list(override.force)] = -1
-    group[list(override.disable)] = 1
-    order = order.gather(1, torch.sort(group[order], dim=-1, stable=True).indices)
+    group[list(override.disable)] = 2
+    group = group.expand(T, R)
+    if rule.allowed is not None:
+        disabled = group == 2
+        outside = ~rule.allowed(router, key.masked_fill(disabled, -math.inf))
+        group = torch.where(outside & (group == 0), torch.ones_like(group), group)
+    order = order.gather(1, torch.sort(group.gather(1, order), dim=-1, stable=True).indices)
     allowed = R - len(override.disable)
     if override.rank is not None:
         picked = order[:, override.rank - 1: override.rank]  # [T, 1]

@@ -106,7 +106,7 @@ class SwiGLUExperts(nn.Module):
 
 def _spec(mlp: nn.Module, ffn_kind: str, activations: tuple[str, ...] | None, *, bias: bool | None, kind: str):
     """The FFN spec of `mlp`, checked to be what expert kind `kind` holds."""
-    from zoo.models.mlp import ffn_spec
+    from zoo.moe.dense import ffn_spec
 
     spec = ffn_spec(mlp, f"{kind} experts: the dense FFN")
     if spec.kind != ffn_kind:

@@ -194,3 +194,153 @@ def localized_balancing_loss(
     if z.numel() < 2:
         return z.sum() * 0
     return z.reshape(-1).var() / z.mean().clamp_min(1e-12)
+
+
+# --- balance counted over more than one micro-batch ------------------------------------------------
+
+BALANCE_LEVELS = ("micro_batch", "sequence", "global")
+"""Where the balance loss counts expert load: the micro-batch (Switch/Mixtral), each sequence
+(DeepSeek-V3's complementary sequence-wise loss) or the global batch over data-parallel ranks
+(Qiu et al. 2025, "Demons in the Detail"; Megatron-Core `global_aux_loss`)."""
+
+
+def _slot_counts(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """`[T, E]` how many of token t's filled slots chose expert e (0 for padding tokens)."""
+    filled = (indices >= 0).unsqueeze(-1)  # [T, K, 1]
+    counts = (torch.nn.functional.one_hot(indices.clamp_min(0), num_experts).float() * filled).sum(dim=1)  # [T, E]
+    if mask is not None:
+        counts = counts * mask.reshape(-1, 1).to(counts.dtype)
+    return counts
+
+
+def sequence_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, sample_id: torch.Tensor | None,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (DeepSeek-AI 2024, eq. 17-20).
+
+    For each sequence s: `E * sum_e f_{s,e} * P_{s,e}`, with `f_{s,e}` the mean over s's real tokens
+    of how many of a token's filled slots chose e and `P_{s,e}` the mean over s's real tokens of the
+    (normalized) affinity of e; the loss is the mean over the sequences with a real token.
+
+    Normalization chosen: the same as `load_balancing_loss` (transformers'; minimum k at uniform
+    routing), so a `balance` coefficient means the same at every level. The paper's
+    `alpha * sum f_i P_i` has f scaled by E / (k T) instead: its alpha is our coefficient times k.
+    The paper counts f over the selected experts (`indices` here: what the router chose, the
+    selection bias included) and P over the affinities normalized to sum to 1 per token (a sigmoid
+    router passes `s / s.sum(-1)`; a softmax router its probabilities).
+
+    Args:
+        probs: `[T, E]` per-token affinities summing to 1.
+        indices: `[T, K]` chosen experts, -1 for empty slots.
+        sample_id: `[T]` the sequence of each token (None: the whole batch is one sequence).
+        mask: optional `[T]` real tokens.
+
+    Returns:
+        scalar float32 (0, in the graph of `probs`, when no token is real).
+    """
+    num_experts = probs.shape[-1]
+    p = probs.float()
+    T = p.shape[0]
+    m = torch.ones(T, device=p.device) if mask is None else mask.reshape(-1).to(device=p.device, dtype=p.dtype)
+    if sample_id is None:
+        inverse = torch.zeros(T, dtype=torch.long, device=p.device)
+        S = 1
+    else:
+        ids, inverse = torch.unique(sample_id.reshape(-1).to(p.device), return_inverse=True)
+        S = len(ids)
+    n = m.new_zeros(S).index_add(0, inverse, m)  # [S] real tokens per sequence
+    P = p.new_zeros(S, num_experts).index_add(0, inverse, p * m[:, None]) / n.clamp_min(1)[:, None]  # [S, E]
+    f = p.new_zeros(S, num_experts).index_add(0, inverse, _slot_counts(indices, num_experts, m)) / n.clamp_min(1)[:, None]
+    per_sequence = num_experts * (f * P).sum(dim=-1)  # [S]
+    has = (n > 0).to(p.dtype)
+    return (per_sequence * has).sum() / has.sum().clamp_min(1)
+
+
+def _world(group) -> int:
+    """World size of `group` when torch.distributed is initialized, else 1 (refusing a launch of
+    several processes that never initialized it)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise ValueError(f"global balance (balance_level='global') needs a torch.distributed process group, but "
+                         f"WORLD_SIZE={world} and none is initialized")
+    return 1
+
+
+def global_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None,
+                          group=None) -> torch.Tensor:
+    """Global-batch balance loss (Qiu et al. 2025, "Demons in the Detail"; Megatron `global_aux_loss`).
+
+    The expert frequencies `f_e` are counted over the global batch: the real tokens of every
+    data-parallel rank (an all-reduce of the `[E]` counts and the token count over `group`, default
+    the world, when torch.distributed is initialized), and each rank returns
+    `E * W * sum_e f_e * (sum_{t on this rank} p_{t,e}) / N` (W ranks, N real tokens in all), so the
+    mean of the ranks' losses (and of their gradients: what data parallelism averages) is exactly
+    the micro-batch loss of one process on the concatenated batch, `E * sum_e f_e * P_e`.
+
+    Chosen where the paper leaves room: counts are global over data-parallel ranks within one
+    micro-batch; they are not accumulated over the micro-batches of an optimizer step (that needs
+    a counter that forward changes, which routers here never keep). f is not differentiated (the
+    counts come from the top-k choice); P keeps its gradient.
+
+    Args:
+        probs: `[T, E]` per-token affinities summing to 1.
+        indices: `[T, K]` chosen experts, -1 for empty slots.
+        mask: optional `[T]` real tokens.
+        group: process group of the data-parallel ranks (None: the world).
+
+    Returns:
+        scalar float32.
+
+    Raises:
+        ValueError: WORLD_SIZE > 1 but no process group is initialized.
+    """
+    import torch.distributed as dist
+
+    num_experts = probs.shape[-1]
+    p = probs.float()
+    m = None if mask is None else mask.reshape(-1).to(device=p.device, dtype=p.dtype)
+    counts = _slot_counts(indices, num_experts, m).sum(dim=0)  # [E]
+    n = torch.tensor([float(p.shape[0]) if m is None else float(m.sum())], device=p.device)
+    world = _world(group)
+    if world > 1:
+        stats = torch.cat([counts, n]).detach()
+        dist.all_reduce(stats, group=group)
+        counts, n = stats[:num_experts], stats[num_experts:]
+    p_sum = (p if m is None else p * m[:, None]).sum(dim=0)  # [E], this rank's
+    total = n.clamp_min(1)[0]
+    f = counts.detach() / total
+    return num_experts * world * torch.sum(f * p_sum) / total
+
+
+def balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   level: str = "micro_batch", sample_id: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """The balance loss `E * sum_e f_e * P_e` counted at `level` (one of `BALANCE_LEVELS`).
+
+    `micro_batch`: `assignment_balancing_loss`; `sequence`: `sequence_balancing_loss` over
+    `sample_id`; `global`: `global_balancing_loss` over the ranks of `group`.
+    """
+    if level == "micro_batch":
+        return assignment_balancing_loss(probs, indices, mask)
+    if level == "sequence":
+        return sequence_balancing_loss(probs, indices, sample_id, mask)
+    if level == "global":
+        return global_balancing_loss(probs, indices, mask, group)
+    raise ValueError(f"balance level {level!r} is not one of {BALANCE_LEVELS}")
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio, DeepSeek's load-imbalance measure (Wang et al. 2024, "Auxiliary-Loss-Free Load
+    Balancing Strategy for Mixture-of-Experts"): `max_e load_e / mean_e load_e - 1`; 0 is perfect
+    balance, E - 1 everything on one expert. 0 when nothing was routed.
+
+    Args:
+        load: `[E]` per-expert load (counts or fractions).
+    """
+    load = load.float()
+    mean = load.mean()
+    return torch.where(mean > 0, load.max() / mean.clamp_min(1e-30) - 1.0, torch.zeros_like(mean))

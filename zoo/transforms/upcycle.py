@@ -19,6 +19,7 @@ the returned model's config. Upcyclers are `UPCYCLERS` entries:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -403,15 +404,18 @@ def upcycle_layers(layers, cfg: MoEConfig, upcycler, *, who: str, std: float = 0
     seeds = _seed_weights(expert_seeds, layers, indices, resolved) if expert_seeds is not None else {}
     calib = inputs(indices) if inputs is not None and getattr(upcycler, "needs_calibration", False) else {}
     built = {}
-    for i in indices:
+    for position, i in enumerate(indices):
         mlp = layers[i].mlp
         ref = specs[i].w_in
-        moe = build_sparse_moe(resolved, specs[i].hidden_size, resolved.expert_intermediate_size or specs[i].intermediate_size)
-        moe.experts = upcycler.experts(mlp, resolved, layer=i, seeds=seeds.get(i), calibration=calib.get(i))
+        here = resolved.for_layer(position)  # per-layer expert counts (PR-MoE)
+        moe = build_sparse_moe(here, specs[i].hidden_size, resolved.expert_intermediate_size or specs[i].intermediate_size)
+        moe.experts = upcycler.experts(mlp, here, layer=i, seeds=seeds.get(i), calibration=calib.get(i))
         with torch.no_grad():
             moe.router.reset_parameters(std)
-            upcycler.init_router(moe.router, moe.experts, resolved)
-            if moe.shared_expert is not None:
+            upcycler.init_router(moe.router, moe.experts, here)
+            if here.residual:  # Residual-MoE: the dense FFN itself beside the experts
+                moe.shared_expert = copy.deepcopy(mlp)
+            elif moe.shared_expert is not None:
                 moe.shared_expert.down_proj.weight.zero_()
         built[i] = MoEBlock(moe.to(device=ref.device, dtype=ref.dtype))
     for i, block in built.items():

@@ -35,6 +35,14 @@ class MoEInfo:
 
     Attributes:
         blockers: reasons no target can hold the model.
+        base: the base LM's `model_type`.
+        base_blockers: why the Mixtral / Qwen2-MoE classes cannot hold the base LM (other targets
+            check `base` themselves).
+        topk_blockers: routers that do not reduce to softmax top-k (what the Mixtral / Qwen MoE
+            gates hold; the DeepSeek-V3 target checks `routers` itself).
+        routers: MoE layer -> its router module.
+        shared_gated: every shared expert is scaled by a `shared_expert_gate` (Qwen2-MoE) rather
+            than added as is (DeepSeek-V3).
         moe_layers, dense_layers: decoder layer indices.
         num_layers: decoder layers.
         num_experts: E.
@@ -47,6 +55,11 @@ class MoEInfo:
     """
 
     blockers: list[str] = field(default_factory=list)
+    base: str = ""
+    base_blockers: list[str] = field(default_factory=list)
+    topk_blockers: list[str] = field(default_factory=list)
+    routers: dict = field(default_factory=dict)
+    shared_gated: bool = True
     moe_layers: list[int] = field(default_factory=list)
     dense_layers: list[int] = field(default_factory=list)
     num_layers: int = 0
@@ -68,34 +81,42 @@ def inspect_moe_lm(model: MoECausalLM) -> MoEInfo:
     cfg = model.lm.config
     layers = decoder_layers(model.lm)
     moes = model.moe_layers()
-    info = MoEInfo(moe_layers=sorted(moes), num_layers=len(layers))
+    info = MoEInfo(moe_layers=sorted(moes), num_layers=len(layers), base=cfg.model_type)
     blockers = info.blockers
     if cfg.model_type not in BASES:
-        blockers.append(f"base model type {cfg.model_type!r} is not one of {BASES}")
+        info.base_blockers.append(f"base model type {cfg.model_type!r} is not one of {BASES}")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         blockers.append(f"hidden_act is {cfg.hidden_act!r}, the MoE classes use 'silu'")
     if not moes:
         blockers.append("the model has no MoE layers")
-    kinds = {bias_kind(layer.self_attn) for layer in layers}
+    kinds = {bias_kind(layer.self_attn) for layer in layers if hasattr(layer, "self_attn")}
     info.bias = kinds.pop() if len(kinds) == 1 else "mixed"
     if info.bias in ("all", "mixed"):
         blockers.append(f"attention biases ({info.bias}) are not representable (o_proj has no bias in either class)")
 
     expert_sizes, shared_sizes, top_ks, norms, jitters, counts = set(), set(), set(), set(), set(), set()
     for i, moe in moes.items():
-        topk, why = moe.router.as_topk() if isinstance(moe, SparseMoE) else (None, "not a SparseMoE")
-        if topk is None:
-            blockers.append(f"layer {i}: router {type(moe.router).__name__} does not reduce to top-k softmax routing: {why}")
+        if not isinstance(moe, SparseMoE):
+            blockers.append(f"layer {i}: not a SparseMoE")
             continue
-        info.gates[i] = topk
+        info.routers[i] = moe.router
+        if getattr(moe, "residual_coefficient", None) is not None:
+            blockers.append(f"layer {i}: a residual MoE (a learned coefficient mixing the dense FFN and the experts) "
+                            "has no transformers MoE class")
+        topk, why = moe.router.as_topk()
+        if topk is None:
+            info.topk_blockers.append(
+                f"layer {i}: router {type(moe.router).__name__} does not reduce to top-k softmax routing: {why}")
+        else:
+            info.gates[i] = topk
+            top_ks.add(topk.top_k)
+            norms.add(topk.norm_topk_prob)
+            jitters.add(topk.jitter_noise)
         if type(moe.experts) is not SwiGLUExperts:
             blockers.append(f"layer {i}: experts are {type(moe.experts).__name__}, not plain SwiGLUExperts")
             continue
         expert_sizes.add(moe.experts.intermediate_size)
         counts.add(moe.experts.num_experts)
-        top_ks.add(topk.top_k)
-        norms.add(topk.norm_topk_prob)
-        jitters.add(topk.jitter_noise)
         if moe.shared_expert is None:
             shared_sizes.add(0)
         elif type(moe.shared_expert) is not SwiGLU or any(
@@ -107,6 +128,7 @@ def inspect_moe_lm(model: MoECausalLM) -> MoEInfo:
             gate = moe.shared_expert_gate
             if gate is None:
                 info.shared_without_gate = True
+                info.shared_gated = False
             elif not isinstance(gate, nn.Linear) or gate.bias is not None or gate.out_features != 1:
                 blockers.append(f"layer {i}: shared_expert_gate is not a bias-free Linear(d, 1)")
     for name, values in (("expert count", counts), ("expert width", expert_sizes), ("shared expert width", shared_sizes),

@@ -10,6 +10,13 @@ so adding a target is one class here, not edits across the exporter.
   sigmoid, top-k with or without renormalization, MoE in only some layers (`mlp_only_layers`),
   q/k/v biases (Qwen2 base) or none. A model without a shared expert gets a zero-width one, which
   adds exactly 0.
+- `qwen3_moe` (`Qwen3MoeForCausalLM`): a Qwen3 base (q/k RMS norms per head), softmax top-k with or
+  without renormalization, MoE in some or all layers; no shared expert (the class has none).
+- `deepseek_v3` (`DeepseekV3ForCausalLM`): a DeepSeek-V3 base (multi-head latent attention) with
+  the `deepseek_v3` router (sigmoid, selection bias, groups, route scale), dense layers only before
+  the first MoE layer (`first_k_dense_replace`) and shared experts added ungated, as wide as a
+  multiple of an expert (`n_shared_experts`); none gets a zero-width one. Any other base is refused
+  naming the attention the class cannot hold.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ class Mixtral:
     hf_class = "MixtralForCausalLM"
 
     def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
-        out = list(info.blockers)
+        out = list(info.blockers) + info.base_blockers + info.topk_blockers
         if info.dense_layers:
             out.append(f"Mixtral needs every layer MoE; layers {info.dense_layers} are dense")
         if info.shared_size:
@@ -98,7 +105,7 @@ class Qwen2Moe:
 
     def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
         cfg = model.lm.config
-        out = list(info.blockers)
+        out = list(info.blockers) + info.base_blockers + info.topk_blockers
         if info.shared_without_gate:
             out.append("Qwen2-MoE gates its shared expert with sigmoid(shared_expert_gate); this one has no gate")
         if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
@@ -147,4 +154,121 @@ class Qwen2Moe:
         return info.shared_size == 0 and ".mlp.shared_expert." in key
 
 
-__all__ = ["COMMON_FIELDS", "HF_TARGETS", "Mixtral", "Qwen2Moe"]
+@HF_TARGETS.register("qwen3_moe")
+class Qwen3Moe:
+    """`Qwen3MoeForCausalLM`."""
+
+    hf_class = "Qwen3MoeForCausalLM"
+
+    def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
+        out = list(info.blockers) + info.topk_blockers
+        if info.base != "qwen3":
+            out.append(f"Qwen3-MoE attention normalizes q and k per head (q_norm/k_norm); a {info.base!r} base has "
+                       "no such norms")
+        if info.shared_size or info.shared_without_gate:
+            out.append("Qwen3-MoE has no shared expert")
+        return out
+
+    def config(self, model: MoECausalLM, info: MoEInfo):
+        from transformers import Qwen3MoeConfig
+
+        src = model.lm.config
+        window = {k: getattr(src, k) for k in ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+                  if hasattr(src, k)}
+        return Qwen3MoeConfig(
+            **_common(model),
+            **window,
+            head_dim=head_dim(src),
+            attention_bias=getattr(src, "attention_bias", False),
+            intermediate_size=info.dense_size,
+            moe_intermediate_size=info.expert_size,
+            num_experts=info.num_experts,
+            num_experts_per_tok=info.top_k,
+            norm_topk_prob=info.norm_topk_prob,
+            router_aux_loss_coef=info.aux_loss_coef,
+            decoder_sparse_step=1,
+            mlp_only_layers=info.dense_layers,
+        )
+
+    def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
+        return _moe_keys(model, info)
+
+    @staticmethod
+    def optional_key(key: str, info: MoEInfo) -> bool:
+        return False
+
+
+# DeepSeek-V3 router settings the transformers gate holds once for every layer.
+_DEEPSEEK_FIELDS = {"top_k": "num_experts_per_tok", "n_group": "n_group", "topk_group": "topk_group",
+                    "routed_scaling_factor": "routed_scaling_factor", "norm_topk_prob": "norm_topk_prob"}
+
+
+@HF_TARGETS.register("deepseek_v3")
+class DeepseekV3:
+    """`DeepseekV3ForCausalLM`."""
+
+    hf_class = "DeepseekV3ForCausalLM"
+
+    def reasons(self, model: MoECausalLM, info: MoEInfo) -> list[str]:
+        from zoo.moe.routers.deepseek_v3 import DeepSeekV3Router
+
+        out = list(info.blockers)
+        if info.base != "deepseek_v3":
+            out.append(f"DeepseekV3ForCausalLM holds multi-head latent attention (kv_a_proj_with_mqa, kv_a_layernorm, "
+                       f"kv_b_proj, a shared RoPE key); a {info.base!r} base's q/k/v attention has no exact form in it")
+        elif getattr(model.lm.config, "num_mtp_layers", 0):
+            out.append("multi-token prediction layers are not exported")
+        settings: dict[str, set] = {}
+        for i, router in info.routers.items():
+            if type(router) is not DeepSeekV3Router:
+                out.append(f"layer {i}: DeepSeek-V3's gate holds the deepseek_v3 router, not {type(router).__name__}")
+                continue
+            if router.score_function != "sigmoid":
+                out.append(f"layer {i}: DeepSeek-V3's gate scores with a sigmoid, this router with {router.score_function}")
+            if router.num_experts // router.n_group < 2:
+                out.append(f"layer {i}: DeepSeek-V3's gate scores a group by its top-2 experts; "
+                           f"this router has {router.num_experts // router.n_group} per group")
+            if router.eval_capacity_factor is not None:
+                out.append(f"layer {i}: DeepSeek-V3 never drops tokens; eval_capacity_factor={router.eval_capacity_factor}")
+            for name in _DEEPSEEK_FIELDS:
+                settings.setdefault(name, set()).add(getattr(router, name))
+        for name, values in settings.items():
+            if len(values) > 1:
+                out.append(f"MoE layers differ in {name}: {sorted(values)}")
+        if info.moe_layers and info.dense_layers and max(info.dense_layers) > min(info.moe_layers):
+            out.append(f"DeepSeek-V3 has dense layers only before the first MoE layer (first_k_dense_replace); "
+                       f"dense layers {info.dense_layers}, MoE layers {info.moe_layers}")
+        if info.shared_size and info.shared_gated:
+            out.append("DeepSeek-V3 adds its shared experts ungated; this one is scaled by sigmoid(shared_expert_gate)")
+        if info.shared_size and info.expert_size and info.shared_size % info.expert_size:
+            out.append(f"DeepSeek-V3's shared experts are n_shared_experts * moe_intermediate_size wide; "
+                       f"{info.shared_size} is not a multiple of {info.expert_size}")
+        return out
+
+    def config(self, model: MoECausalLM, info: MoEInfo):
+        from transformers import DeepseekV3Config
+
+        src = model.lm.config.to_dict()
+        router = info.routers[info.moe_layers[0]]
+        for k in ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
+            src.pop(k, None)
+        src.update({hf: getattr(router, ours) for ours, hf in _DEEPSEEK_FIELDS.items()})
+        src.update(n_routed_experts=info.num_experts, moe_intermediate_size=info.expert_size,
+                   n_shared_experts=info.shared_size // info.expert_size, first_k_dense_replace=min(info.moe_layers),
+                   intermediate_size=info.dense_size, router_aux_loss_coef=info.aux_loss_coef)
+        return DeepseekV3Config(**{k: v for k, v in src.items() if k != "num_local_experts"})
+
+    def state_dict(self, model: MoECausalLM, info: MoEInfo) -> dict[str, torch.Tensor]:
+        state = {k.replace(".mlp.shared_expert.", ".mlp.shared_experts."): v for k, v in _moe_keys(model, info).items()}
+        for i, router in info.routers.items():  # the gate and its aux-loss-free bias, as trained
+            state[f"model.layers.{i}.mlp.gate.weight"] = router.weight.detach()
+            state[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] = router.e_score_correction_bias.detach()
+        return state
+
+    @staticmethod
+    def optional_key(key: str, info: MoEInfo) -> bool:
+        """The zero-width shared expert of a model without one."""
+        return info.shared_size == 0 and ".mlp.shared_experts." in key
+
+
+__all__ = ["COMMON_FIELDS", "HF_TARGETS", "DeepseekV3", "Mixtral", "Qwen2Moe", "Qwen3Moe"]
