@@ -48,7 +48,7 @@ test: setup-eval
 bench: setup
 	$(PY) bench/moe_layer.py
 	$(PY) bench/kernels.py  # needs a CUDA GPU; exits with a message on CPU
-	$(PY) bench/pretrained_lm.py  # SmolLM2-135M training steps: fp32 / bf16 / fast bf16, dense and MoE, +-checkpointing (~15 min on 2 cores)
+	$(PY) bench/pretrained_lm.py --profile  # SmolLM2-135M training steps: fp32 / bf16 / fast bf16, dense and MoE, +-checkpointing (~25 min)
 
 # The shipped studies (configs/experiments/), 3 seeds each, sharing one stage store: the prefix
 # stages train once per seed for all of them. Results: runs/experiments/<study>/results.md.

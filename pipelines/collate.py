@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -131,6 +132,13 @@ def frozen_encoder_caches(model, processor, cache_dir: str | Path) -> dict[str, 
 class MixedBatches:
     """Batches drawn from task families with given weights, deterministic in (seed, index).
 
+    With `group_by_length = n >= 2`, micro-batches come in blocks of n: block `i // n` draws the
+    samples of n micro-batches at once (from the seed and the block index), sorts them by media
+    (kind and count) and then by text length, cuts them into n micro-batches of neighbours, and
+    shuffles the order of those n (LLaVA's `group_by_modality_length`, with mega-batches of n).
+    Padding shrinks; the mix over a block is the same as without grouping, and micro-batch `i` is
+    still a pure function of (seed, i), so a resumed run sees the same batches.
+
     Args:
         datasets: task family -> training samples.
         weights: task family -> sampling weight (families not listed are not drawn).
@@ -139,11 +147,17 @@ class MixedBatches:
         seed: base seed.
         feature_caches: see `collate`.
         sample_types: see `collate`.
+        group_by_length: micro-batches per length-sorted block; 0 or 1: no grouping.
     """
 
     def __init__(self, datasets: Mapping[str, Sequence[Sample]], weights: Mapping[str, float], processor,
                  batch_size: int, seed: int = 0, feature_caches: Mapping[str, FeatureCache] | None = None,
-                 sample_types: Mapping[str, int] | None = None) -> None:
+                 sample_types: Mapping[str, int] | None = None, group_by_length: int = 0) -> None:
+        if group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 (0: no grouping), got {group_by_length}")
+        self.group_by_length = group_by_length
+        self._lengths: dict[tuple[str, str], int] = {}
+        self._block: tuple[int, list[list[Sample]]] | None = None
         missing = sorted(f for f in weights if not datasets.get(f))
         if missing:
             raise ValueError(f"no training samples for task famil{'y' if len(missing) == 1 else 'ies'} {missing}; "
@@ -159,14 +173,41 @@ class MixedBatches:
         self.feature_caches = dict(feature_caches or {})
         self.sample_types = dict(sample_types) if sample_types is not None else None
 
-    def samples_at(self, index: int) -> list[Sample]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        fams = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g).tolist()
+    def _draw(self, g: torch.Generator, n: int) -> list[Sample]:
+        fams = torch.multinomial(self.weights, n, replacement=True, generator=g).tolist()
         out = []
         for f in fams:
             data = self.datasets[self.families[f]]
             out.append(data[int(torch.randint(len(data), (1,), generator=g))])
         return out
+
+    def samples_at(self, index: int) -> list[Sample]:
+        if self.group_by_length < 2:
+            return self._draw(torch.Generator().manual_seed(self.seed * 1_000_003 + index), self.batch_size)
+        block, position = divmod(index, self.group_by_length)
+        if self._block is None or self._block[0] != block:  # one block at a time: the trainer walks indices in order
+            self._block = (block, self._grouped(block))
+        return list(self._block[1][position])
+
+    def length_key(self, sample: Sample) -> tuple:
+        """What length grouping sorts by: the media (kind, count) pairs, then the instruction and answer tokens
+        (the chat template adds the same tokens to every sample)."""
+        media = tuple(sorted(Counter(m.kind for m in sample.media).items()))
+        key = (sample.task_family, sample.key)
+        if key not in self._lengths:
+            tokenize = self.processor.tokenizer
+            self._lengths[key] = sum(len(tokenize(t, add_special_tokens=False)["input_ids"])
+                                     for t in (sample.instruction, sample.answer) if t)
+        return media, self._lengths[key]
+
+    def _grouped(self, block: int) -> list[list[Sample]]:
+        """Block `block`'s micro-batches: drawn together, sorted by `length_key`, cut, shuffled."""
+        n, size = self.group_by_length, self.batch_size
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + block + (1 << 40))  # not a plain index's draw
+        samples = self._draw(g, n * size)
+        order = sorted(range(len(samples)), key=lambda i: (self.length_key(samples[i]), i))
+        batches = [[samples[i] for i in order[k * size : (k + 1) * size]] for k in range(n)]
+        return [batches[k] for k in torch.randperm(n, generator=g).tolist()]
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         return collate(self.samples_at(index), self.processor, feature_caches=self.feature_caches,

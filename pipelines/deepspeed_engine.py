@@ -79,7 +79,7 @@ def resolve_config(ds_config: str | os.PathLike | dict[str, Any], optim: OptimCo
 
     Filled keys: `gradient_accumulation_steps` (grad_accum), `gradient_clipping` (grad_clip),
     `train_micro_batch_size_per_gpu` (1: batches come from the trainer's `batch_at`, DeepSpeed
-    only books it), `bf16.enabled` (precision == "bf16"). `train_batch_size` is removed (DeepSpeed
+    only books it), `bf16.enabled` (precision "bf16" or "bf16_master"). `train_batch_size` is removed (DeepSpeed
     derives it). An optimizer or scheduler section is refused: the engine builds torch's.
 
     Args:
@@ -96,8 +96,9 @@ def resolve_config(ds_config: str | os.PathLike | dict[str, Any], optim: OptimCo
         cfg, where = json.loads(json.dumps(ds_config)), "the DeepSpeed config"
     else:
         name = str(ds_config)
-        if not Path(name).is_file() and (CONFIG_DIR / f"{name}_{optim.precision}.json").is_file():
-            name = f"{name}_{optim.precision}"  # "zero2" -> "zero2_bf16" for a bf16 stage
+        precision = "bf16" if optim.bf16 else optim.precision
+        if not Path(name).is_file() and (CONFIG_DIR / f"{name}_{precision}.json").is_file():
+            name = f"{name}_{precision}"  # "zero2" -> "zero2_bf16" for a bf16 stage (bf16 or bf16_master)
         path = config_path(name)
         cfg, where = json.loads(path.read_text()), str(path)
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
@@ -118,7 +119,7 @@ def resolve_config(ds_config: str | os.PathLike | dict[str, Any], optim: OptimCo
             )
     if cfg.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{where}: fp16 is not supported (use bf16: no loss scaling needed)")
-    bf16 = optim.precision == "bf16"
+    bf16 = optim.bf16  # "bf16" and "bf16_master" alike: DeepSpeed holds bf16 weights and fp32 masters itself
     wanted = {
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": float(optim.grad_clip),
@@ -134,7 +135,7 @@ def resolve_config(ds_config: str | os.PathLike | dict[str, Any], optim: OptimCo
     if have_bf16 != "auto" and bool(have_bf16) != bf16:
         raise ValueError(
             f"{where}: bf16.enabled={have_bf16} but the stage's OptimConfig.precision is {optim.precision!r}; "
-            f"pick the matching config (zero*_{optim.precision}.json) or set it to \"auto\""
+            f"pick the matching config (zero*_{'bf16' if bf16 else 'fp32'}.json) or set it to \"auto\""
         )
     cfg["bf16"]["enabled"] = bf16
     cfg["zero_allow_untested_optimizer"] = True  # a torch optimizer under ZeRO
@@ -393,6 +394,9 @@ class DeepSpeedEngine:
     def autocast(self) -> contextlib.AbstractContextManager:
         """No autocast: with bf16 DeepSpeed holds bf16 weights and fp32 master weights itself."""
         return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        """Nothing to undo here: the module's dtype is DeepSpeed's (bf16 under its bf16, with its fp32 masters)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed's backward: scales by 1/grad_accum and reduces gradients at the boundary.

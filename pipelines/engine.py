@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from zoo.io.checkpoint import load_checkpoint, load_strict, save_checkpoint
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
+from zoo.pipelines.precision import MasterWeights
 
 @dataclass
 class StepResult:
@@ -45,6 +46,7 @@ class Engine(Protocol):
     def step(self) -> StepResult | None: ...
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> Path: ...
     def load_checkpoint(self, path: Path) -> dict[str, Any]: ...
+    def finish(self) -> None: ...
 
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -70,7 +72,13 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 class TorchEngine:
-    """One-process engine: AdamW, cosine schedule with warmup, accumulation, clipping, bf16 autocast.
+    """One-process engine: AdamW, cosine schedule with warmup, accumulation, clipping, bf16.
+
+    Precision (`optim.precision`): "fp32"; "bf16": autocast over fp32 weights; "bf16_master":
+    autocast over weights held in bf16, the optimizer updating fp32 master copies
+    (`zoo.pipelines.precision.MasterWeights`; frozen encoders stay fp32: their cached features are
+    keyed by their fp32 weights). Checkpoints hold fp32 weights in every mode, and `finish()` gives
+    the model its fp32 weights back.
 
     Args:
         model: the module to train; only parameters with `requires_grad` are optimized.
@@ -87,14 +95,29 @@ class TorchEngine:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("TorchEngine: the model has no trainable parameters (every parameter is frozen)")
-        self.params = [p for _, p in params]
+        self.master = None
+        if optim.precision == "bf16_master":
+            frozen_encoders = [n for n in getattr(model, "frozen", ()) if n.startswith("encoders.")]
+            self.master = MasterWeights(model, torch.bfloat16, keep_fp32=frozen_encoders)
+        # what the optimizer updates: the fp32 masters of bf16 weights, and fp32 parameters as they are
+        masters = {id(p): m for p, m in self.master.pairs} if self.master else {}
+        self.params = [masters.get(id(p), p) for _, p in params]
         self.optimizer, self.scheduler = build_optimizer(decay_groups(self.params, optim.weight_decay), optim, total_steps)
         self.micro_step = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.optim_config.precision == "bf16":
+        if self.optim_config.precision in ("bf16", "bf16_master"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _full_precision(self) -> contextlib.AbstractContextManager:
+        return self.master.full_precision() if self.master else contextlib.nullcontext()
+
+    def finish(self) -> None:
+        """After training: the model's parameters are fp32 again (bf16_master: the masters' values)."""
+        if self.master:
+            self.master.restore()
+            self.master = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of `loss / grad_accum`."""
@@ -116,6 +139,8 @@ class TorchEngine:
             raise NonFiniteError(f"gradient norm is {norm.item()} at optimizer step {self.scheduler.last_epoch}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        if self.master:
+            self.master.sync()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm.item(), lr)
@@ -126,14 +151,18 @@ class TorchEngine:
         optimizer = _split_tensors(self.optimizer.state_dict(), "optimizer", tensors)
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         config = {"client_state": client_state, "optimizer": optimizer, "scheduler": scheduler, "micro_step": self.micro_step}
-        return save_checkpoint(
-            path, self.model.state_dict(), config, extra_files={"optimizer.safetensors": save(tensors)}, overwrite=True
-        )
+        with self._full_precision():
+            return save_checkpoint(
+                path, self.model.state_dict(), config, extra_files={"optimizer.safetensors": save(tensors)}, overwrite=True
+            )
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore what `save_checkpoint` wrote (verified against its manifest); return client_state."""
         ckpt = load_checkpoint(path, device=self.device)
-        load_strict(self.model, ckpt.state_dict, path)
+        with self._full_precision():
+            load_strict(self.model, ckpt.state_dict, path)
+        if self.master:
+            self.master.sync(all_weights=True)
         tensors = load_file(str(ckpt.paths["optimizer.safetensors"]))
         self.optimizer.load_state_dict(_join_tensors(ckpt.config["optimizer"], tensors))
         self.scheduler.load_state_dict({**ckpt.config["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})

@@ -16,7 +16,7 @@ import torch
 
 from zoo.config import config_from_dict, config_to_dict
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_master")
 
 
 @dataclass
@@ -31,7 +31,10 @@ class OptimConfig:
         betas: AdamW betas.
         grad_clip: max global grad norm; 0 disables clipping.
         grad_accum: micro-batches per optimizer step.
-        precision: "fp32", or "bf16" autocast (weights and optimizer state stay fp32).
+        precision: "fp32"; "bf16": autocast (weights and optimizer state stay fp32, each weight is
+            cast at every use); "bf16_master": autocast over weights held in bf16, the optimizer
+            updating fp32 master copies (no per-step weight casts; `zoo.pipelines.precision`).
+            Under DeepSpeed both bf16 modes are DeepSpeed's bf16 (bf16 weights, fp32 master).
     """
 
     lr: float = 1e-3
@@ -51,6 +54,11 @@ class OptimConfig:
             raise ValueError(f"OptimConfig: grad_accum must be >= 1, got {self.grad_accum}")
         if self.lr <= 0:
             raise ValueError(f"OptimConfig: lr must be > 0, got {self.lr}")
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the stage computes in bf16 (either bf16 precision)."""
+        return self.precision in ("bf16", "bf16_master")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimConfig:

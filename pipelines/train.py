@@ -8,6 +8,7 @@ from the newest complete checkpoint and reproduces the uninterrupted loss curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,9 +22,12 @@ from typing import Any
 import torch
 
 from zoo.config import config_from_dict
+from zoo.models.checkpointing import activation_checkpointing
+from zoo.models.compile import compiled_layers
 from zoo.models.lm import IGNORE_INDEX
 from zoo.moe.trainer_hooks import capture_router_inputs, schedule_routers, update_routers
 from zoo.pipelines.engine import Engine, NonFiniteError
+from zoo.pipelines.nonfinite import nonfinite_message
 from zoo.pipelines.optim import OptimConfig
 from zoo.progress import progress
 
@@ -43,6 +47,15 @@ class TrainConfig:
         keep_checkpoints: newest checkpoints kept on disk.
         wandb: log to Weights & Biases (offline unless WANDB_MODE says otherwise).
         wandb_project: its project name.
+        activation_checkpointing: recompute each LM decoder layer's activations in backward
+            instead of storing them (`zoo.models.checkpointing`; MoE routing, aux losses and
+            gradients are unchanged): less memory for one more forward of the decoder.
+        lm_loss_chunk: 0: transformers' LM loss over the full `[tokens, V]` logits; N: the same
+            loss fused with the LM head over chunks of N tokens (`zoo.models.loss`), which the
+            model's forward takes as `loss_chunk` (`MultimodalMoE`, `MoECausalLM`).
+        compile: `torch.compile` each LM decoder layer's attention, norms and dense MLP while
+            training (`zoo.models.compile`; MoE blocks stay eager): fused elementwise kernels, a
+            compile on the first step (needs a C++ compiler on CPU).
     """
 
     steps: int = 100
@@ -53,12 +66,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     wandb: bool = False
     wandb_project: str = "moe-zoo"
+    activation_checkpointing: bool = False
+    lm_loss_chunk: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, Mapping):
             self.optim = OptimConfig.from_dict(dict(self.optim))
         if self.steps < 1:
             raise ValueError(f"TrainConfig: steps must be >= 1, got {self.steps}")
+        if self.lm_loss_chunk < 0:
+            raise ValueError(f"TrainConfig: lm_loss_chunk must be >= 0 (0: the plain loss), got {self.lm_loss_chunk}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -88,7 +106,8 @@ def _routing_metrics(routing) -> dict[str, Any]:
     return {
         str(s.layer): {"load": [round(v, 6) for v in s.load.tolist()], "entropy": round(s.entropy.item(), 6),
                        "experts_per_token": round(s.experts_per_token.item(), 4),
-                       "flops_saved": round(s.flops_saved.item(), 4)}
+                       "flops_saved": round(s.flops_saved.item(), 4),
+                       **({"max_vio": round(s.max_vio.item(), 4)} if s.max_vio is not None else {})}
         for s in routing or []
     }
 
@@ -106,6 +125,8 @@ class _Wandb:
         flat = {k: v for k, v in m.items() if k != "routing"}
         for layer, r in m.get("routing", {}).items():
             flat[f"router_entropy/layer{layer}"] = r["entropy"]
+            if "max_vio" in r:
+                flat[f"max_vio/layer{layer}"] = r["max_vio"]
             flat.update({f"expert_load/layer{layer}/expert{e}": v for e, v in enumerate(r["load"])})
         self.run.log(flat, step=m["step"])
 
@@ -137,8 +158,9 @@ def train(
         TrainResult with the final checkpoint.
 
     Raises:
-        NonFiniteError: a loss or gradient norm is NaN/inf; the message names the step and the
-            last good checkpoint, which is left untouched.
+        NonFiniteError: a loss or gradient norm is NaN/inf. The policy is to halt (see
+            `zoo.pipelines.nonfinite`): the message names the stage, the step as metrics.jsonl
+            counts it, and the last checkpoint whose weights and loss were finite (left untouched).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +185,9 @@ def train(
                    quiet=None if engine.is_main else True)  # rank 0 only; on a terminal unless ZOO_QUIET
     loss_value = float("nan")
     last_ckpt = checkpoints(out_dir)[-1] if checkpoints(out_dir) else None
-    with open(metrics_path, "a") if engine.is_main else open(os.devnull, "w") as metrics_file:
+    if cfg.lm_loss_chunk:
+        batch_at = _with_loss_chunk(batch_at, cfg.lm_loss_chunk)
+    with _training_mode(engine, cfg), open(metrics_path, "a") if engine.is_main else open(os.devnull, "w") as metrics_file:
         for step in bar:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
@@ -172,7 +196,7 @@ def train(
             schedule_routers(engine.model, step, cfg.steps)  # trainer-driven router state (SMoE-Dropout's k)
             with capture_router_inputs(engine.model) as routed:
                 for micro in range(accum):
-                    step_result, tokens, out = _micro_step(engine, batch_at, step, micro, accum, sums, tokens, name, last_ckpt)
+                    step_result, tokens, out = _micro_step(engine, batch_at, step, micro, accum, sums, tokens, name, out_dir)
                     result = step_result if step_result is not None else result
             update_routers(routed)  # after the optimizer step: K-means centroids
             if result is None:
@@ -199,8 +223,30 @@ def train(
     return TrainResult(cfg.steps, loss_value, last_ckpt, metrics_path)
 
 
+def _with_loss_chunk(batch_at, chunk: int):
+    return lambda i: {**batch_at(i), "loss_chunk": chunk}
+
+
+@contextlib.contextmanager
+def _training_mode(engine: Engine, cfg: TrainConfig):
+    """The loop's model settings: activation checkpointing and compiled layers inside, and the engine's
+    `finish()` after (bf16_master weights back to fp32), also when training stops on an error."""
+    model = getattr(engine, "module", engine.model)
+    try:
+        with contextlib.ExitStack() as stack:
+            if cfg.activation_checkpointing:
+                stack.enter_context(activation_checkpointing(model))
+            if cfg.compile:
+                stack.enter_context(compiled_layers(model))
+            yield
+    finally:
+        finish = getattr(engine, "finish", None)
+        if finish is not None:
+            finish()
+
+
 def _micro_step(engine: Engine, batch_at, step: int, micro: int, accum: int, sums: dict[str, float], tokens: int,
-                name: str, last_ckpt):
+                name: str, out_dir: Path):
     """One micro-batch: forward, NaN check, backward, engine step; adds its losses to `sums`.
 
     Returns:
@@ -210,12 +256,14 @@ def _micro_step(engine: Engine, batch_at, step: int, micro: int, accum: int, sum
     with engine.autocast():
         out = engine.model(**batch)
     if not torch.isfinite(out.loss):
-        raise NonFiniteError(
-            f"{name}: loss is {out.loss.item()} at step {step} (micro-batch {micro}); "
-            f"last good checkpoint: {last_ckpt or 'none'}"
-        )
+        raise NonFiniteError(nonfinite_message(name, step, f"loss is {out.loss.item()}", checkpoints(out_dir),
+                                               out_dir / "metrics.jsonl", micro))
     engine.backward(out.loss)
-    result = engine.step()
+    try:
+        result = engine.step()
+    except NonFiniteError as e:  # the engine's gradient check: name the stage, step and checkpoint
+        cause = str(e).split(" at optimizer step")[0]
+        raise NonFiniteError(nonfinite_message(name, step, cause, checkpoints(out_dir), out_dir / "metrics.jsonl")) from None
     values = {k: getattr(out, k, None) for k in ("loss", "lm_loss", "aux_loss")}
     values.update({f"aux/{k}": v for k, v in (getattr(out, "aux_losses", None) or {}).items()})
     for key, value in values.items():

@@ -87,13 +87,15 @@ def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
 
 
 def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool, esft: bool = False,
-        num_experts: int = 4) -> None:
-    """Train with one DeepSpeed config into `out`; precision follows the config's name."""
+        num_experts: int = 4, activation_checkpointing: bool = False, lm_loss_chunk: int = 0,
+        bf16_precision: str = "bf16") -> None:
+    """Train with one DeepSpeed config into `out`; precision follows the config's name (`bf16_precision` for bf16)."""
     from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
 
     model = tiny_moe_tune_model(esft, num_experts)
-    precision = "bf16" if "bf16" in ds_config else "fp32"
-    cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision, weight_decay=0.1 if esft else 0.0))
+    precision = bf16_precision if "bf16" in ds_config else "fp32"
+    cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision, weight_decay=0.1 if esft else 0.0),
+                      activation_checkpointing=activation_checkpointing, lm_loss_chunk=lm_loss_chunk)
     engine = DeepSpeedEngine(model, cfg.optim, cfg.steps, ds_config=ds_config, ep_size=ep_size)
     r = engine.rank
     os.makedirs(out, exist_ok=True)
@@ -134,6 +136,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
     p.add_argument("--esft", action="store_true", help="train only ESFT_SELECTION's experts (gradient row masks)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="TrainConfig.activation_checkpointing")
+    p.add_argument("--lm-loss-chunk", type=int, default=0, help="TrainConfig.lm_loss_chunk (0: the plain loss)")
+    p.add_argument("--bf16-precision", choices=["bf16", "bf16_master"], default="bf16", help="precision of bf16 configs")
     p.add_argument("--stage", choices=["moe-tune"], default="moe-tune", help="what pipelines/launch/<stage>.sh passes")
     p.add_argument("--engine", choices=["deepspeed"], default="deepspeed", help="what pipelines/launch/*.sh passes")
     a = p.parse_args()
@@ -141,7 +146,8 @@ def main() -> None:
     configs = a.ds_config.split(",")
     for config in configs:
         out = a.out if len(configs) == 1 else os.path.join(a.out, config)
-        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft, a.experts)
+        run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft, a.experts, a.activation_checkpointing,
+            a.lm_loss_chunk, a.bf16_precision)
 
 
 if __name__ == "__main__":

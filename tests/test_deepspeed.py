@@ -199,6 +199,16 @@ def test_ep2_zero0_zero1_and_bf16_in_one_process_each_match_one_process(tmp_path
 
 
 @pytest.mark.slow
+def test_ep2_with_activation_checkpointing_and_the_fused_loss_matches_one_process(tmp_path, reference):
+    """Checkpointed MoE layers (their all-to-alls rerun in backward) and the fused LM loss under DeepSpeed give the
+    plain 1-process run; bf16_master is DeepSpeed's bf16 there (bf16 weights, fp32 masters) and trains alike."""
+    _launch(tmp_path, "--steps", "3", "--ckpt-every", "0", "--activation-checkpointing", "--lm-loss-chunk", "16",
+            "--bf16-precision", "bf16_master", ds_config="zero2_fp32,zero2_bf16")
+    _assert_matches_reference(tmp_path / "zero2_fp32", reference, 3)
+    assert _mean_losses(tmp_path / "zero2_bf16") == pytest.approx(reference["losses"][:3], abs=0.05)
+
+
+@pytest.mark.slow
 def test_esft_masks_hold_under_expert_parallelism(tmp_path):
     """ESFT at ep_size=2 (the masks set on the full experts, then sharded) equals the 1-process ESFT run,
     and every expert it did not select is bit-identical to its init on the rank that holds it."""

@@ -122,7 +122,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     model = Poisonable()
     cfg = TrainConfig(steps=10, ckpt_every=2, optim=OptimConfig(lr=0.1))
     batch = lambda i: {"x": torch.ones(3), "poison": torch.tensor(float("nan") if i == 5 else 1.0)}  # noqa: E731
-    with pytest.raises(NonFiniteError, match=r"loss is nan at step 5 .*last good checkpoint: .*step-00000004"):
+    # batch 5 is the 6th step, as metrics.jsonl counts (5 lines written before it)
+    with pytest.raises(NonFiniteError, match=r"stage 'train': loss is nan at step 6 .*halted.*last good checkpoint: .*step-00000004"):
         train(TorchEngine(model, cfg.optim, cfg.steps), batch, cfg, tmp_path)
     good = load_checkpoint(checkpoints(tmp_path)[-1])
     assert checkpoints(tmp_path)[-1].name == "step-00000004"

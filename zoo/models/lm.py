@@ -14,12 +14,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from zoo.models.loss import IGNORE_INDEX, causal_lm_loss
 from zoo.moe.capture import LayerRoutingStats, capture_routing, routing_losses
 from zoo.moe.config import MoEConfig
 from zoo.moe.context import routing_context
-from zoo.moe.layer import SparseMoE
-
-IGNORE_INDEX = -100  # label value that takes no loss (transformers' convention)
+from zoo.moe.layer import MoEBlock, SparseMoE  # noqa: F401  (MoEBlock lives in the MoE core)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -33,21 +32,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-class MoEBlock(nn.Module):
-    """Fits a `SparseMoE` into a decoder layer's `mlp` slot, which must return a plain tensor.
-
-    The router output is not lost: `capture_routing` reads it from the inner `SparseMoE` call.
-    """
-
-    def __init__(self, moe: SparseMoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, S, d] -> [B, S, d]`."""
-        return self.moe(x)[0]
-
-
 @dataclass
 class MoECausalLMOutput(ModelOutput):
     """Output of `MoECausalLM.forward`.
@@ -58,7 +42,7 @@ class MoECausalLMOutput(ModelOutput):
         aux_loss: `sum_name coef[name] * aux_losses[name]`, the weighted router losses.
         aux_losses: loss name (`balance`, `z`, ...) -> its mean over the MoE layers whose router
             produced it (unweighted).
-        logits: `[B, S, V]`.
+        logits: `[B, S, V]` (None when the loss was fused with the head: `loss_chunk`).
         past_key_values: the decoder's cache, when it returned one.
         routing: per MoE layer `LayerRoutingStats` (expert load, router entropy, experts per token).
     """
@@ -104,6 +88,7 @@ class MoECausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         token_context: dict[str, torch.Tensor] | None = None,
+        loss_chunk: int | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
         """Run the LM; with `labels`, the loss includes the weighted router losses.
@@ -114,19 +99,27 @@ class MoECausalLM(nn.Module):
                 of what cross-token routers (expert choice) may pick.
             labels: `[B, S]`, `IGNORE_INDEX` where no loss is taken; shifted inside transformers.
             token_context: more per-token tensors `[B, S]` for the routers (`sample_type`, ...).
+            loss_chunk: with `labels`, compute the LM loss with the fused head + cross-entropy over
+                chunks of this many tokens (`zoo.models.loss`): the same loss, no `[B, S, V]` logits
+                (`logits` is then None). None: transformers' loss over the full logits.
             **kwargs: passed to the transformers model (`inputs_embeds`, `past_key_values`, ...).
         """
         with routing_context(self.lm, mask=attention_mask, **(token_context or {})), capture_routing(self.lm) as records:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            if loss_chunk and labels is not None:
+                out = causal_lm_loss(self.lm, labels, chunk_size=loss_chunk, input_ids=input_ids,
+                                     attention_mask=attention_mask, **kwargs)
+            else:
+                out = self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         routed = routing_losses(records, attention_mask)
         aux = routed.weighted(self.loss_coefs)
-        aux = out.logits.new_zeros((), dtype=torch.float32) if aux is None else aux.to(out.logits.device)
+        device = (out.logits if out.logits is not None else out.loss).device
+        aux = torch.zeros((), dtype=torch.float32, device=device) if aux is None else aux.to(device)
         loss = out.loss + aux if labels is not None else None
         return MoECausalLMOutput(
             loss=loss,
             lm_loss=out.loss,
             aux_loss=aux,
-            aux_losses={k: v.to(out.logits.device) for k, v in routed.losses.items()},
+            aux_losses={k: v.to(device) for k, v in routed.losses.items()},
             logits=out.logits,
             past_key_values=getattr(out, "past_key_values", None),
             routing=routed.stats,

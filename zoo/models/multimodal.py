@@ -14,6 +14,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from zoo.models.lm import MoECausalLM
+from zoo.models.loss import causal_lm_loss
 from zoo.models.splicing import SplicedInputs, placeholder_positions, splice_media
 from zoo.moe.capture import LayerRoutingStats, capture_routing, routing_losses
 
@@ -245,6 +246,7 @@ class MultimodalMoE(nn.Module):
         labels: torch.Tensor | None = None,
         encoder_features: dict[str, torch.Tensor] | None = None,
         sample_types: torch.Tensor | None = None,
+        loss_chunk: int | None = None,
         **lm_kwargs,
     ) -> MultimodalOutput:
         """Splice media into the text and run the LM.
@@ -258,6 +260,9 @@ class MultimodalMoE(nn.Module):
             encoder_features: precomputed frozen-encoder outputs per modality (see `splice`).
             sample_types: `[B]` int type of each sample (e.g. world-knowledge vs task), handed to
                 the MoE LM's routers per token (LoRAMoE's localized balancing); needs an MoE LM.
+            loss_chunk: with `labels`, the LM loss fused with the head over chunks of this many
+                tokens (`zoo.models.loss`): the same loss without `[B, S, V]` logits (`logits` is
+                then None). None: transformers' loss over the full logits.
             **lm_kwargs: passed to the LM (`use_cache`, ...).
 
         Returns:
@@ -273,13 +278,13 @@ class MultimodalMoE(nn.Module):
             ids = torch.arange(input_ids.shape[0], device=input_ids.device)
             lm_kwargs["token_context"] = {"sample_type": sample_types.to(input_ids.device)[:, None].expand_as(s.attention_mask),
                                           "sample_id": ids[:, None].expand_as(s.attention_mask)}
-        out = self.language_model(
-            inputs_embeds=s.inputs_embeds,
-            attention_mask=s.attention_mask,
-            position_ids=s.position_ids,
-            labels=s.labels,
-            **lm_kwargs,
-        )
+        inputs = dict(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, position_ids=s.position_ids, **lm_kwargs)
+        if loss_chunk and s.labels is not None and not isinstance(self.language_model, MoECausalLM):
+            out = causal_lm_loss(self.language_model, s.labels, chunk_size=loss_chunk, **inputs)
+        elif loss_chunk and s.labels is not None:
+            out = self.language_model(labels=s.labels, loss_chunk=loss_chunk, **inputs)
+        else:
+            out = self.language_model(labels=s.labels, **inputs)
         zero = s.inputs_embeds.new_zeros(())
         conn_aux = zero
         for modality, route in s.connector_routing.items():

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from zoo.moe.context import recomputing
 from zoo.moe.layer import SparseMoE
-from zoo.moe.losses import experts_per_token, load_fraction, router_entropy
+from zoo.moe.losses import experts_per_token, load_fraction, max_violation, router_entropy
 from zoo.moe.routers import RouterOutput
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|resblocks|h)\.(\d+)(?:\.|$)")  # decoders, ViTs, GPT-2
@@ -33,7 +34,9 @@ class RoutingRecord:
             GPT-2 `h.3`), or call order if there is none.
         output: the router's decision.
         router: the router module that made it (its `aux_losses` turns `output` into losses).
-        context: the call's per-token tensors `[T]` (`mask`, ...), from `zoo.moe.routing_context`.
+        context: the call's per-token tensors `[T]` (`mask`, ...), from `zoo.moe.routing_context`;
+            `sample_id` (the sequence of each token, row-major in `[B, S, d]`) is added when the
+            call's input is `[..., S, d]` and the context has none (the sequence-level balance loss).
     """
 
     name: str
@@ -58,6 +61,8 @@ class LayerRoutingStats:
         experts_per_token: scalar, mean number of experts computed per real token.
         flops_saved: scalar, the fraction of the router's K slots left empty, i.e. the expert FLOPs
             saved against filling every slot (for null experts: against plain top-k).
+        max_vio: scalar, MaxVio = max load / mean load - 1 (DeepSeek's imbalance measure;
+            `zoo.moe.losses.max_violation`), 0 when balanced.
     """
 
     layer: int
@@ -65,19 +70,30 @@ class LayerRoutingStats:
     entropy: torch.Tensor
     experts_per_token: torch.Tensor
     flops_saved: torch.Tensor
+    max_vio: torch.Tensor | None = None
 
 
 @contextmanager
 def capture_routing(model: nn.Module) -> Iterator[list[RoutingRecord]]:
-    """Yield a list that fills with a `RoutingRecord` per `SparseMoE` call inside the block."""
+    """Yield a list that fills with a `RoutingRecord` per `SparseMoE` call inside the block.
+
+    A call that recomputes a checkpointed forward in backward (`zoo.moe.context.recomputing`) is
+    not recorded: the first pass was.
+    """
     records: list[RoutingRecord] = []
 
     def hook_for(name: str):
         match = _LAYER_RE.search(name)
 
         def hook(module: nn.Module, args, kwargs, output) -> None:
+            if recomputing():
+                return
             layer = int(match.group(1)) if match else len(records)
-            records.append(RoutingRecord(name, layer, output[1], module.router, dict(kwargs.get("context") or {})))
+            context = dict(kwargs.get("context") or {})
+            x = args[0] if args else kwargs.get("x")
+            if "sample_id" not in context and x is not None and x.dim() >= 3:  # [B, S, d]: token t's sequence
+                context["sample_id"] = torch.arange(x.shape[:-2].numel(), device=x.device).repeat_interleave(x.shape[-2])
+            records.append(RoutingRecord(name, layer, output[1], module.router, context))
 
         return hook
 
@@ -137,9 +153,9 @@ def routing_losses(records: list[RoutingRecord], mask: torch.Tensor | None = Non
         with torch.no_grad():
             per_token = experts_per_token(r.output.indices, m)
             slots = max(r.output.indices.shape[1], 1)
+            load = load_fraction(r.output.indices, r.num_experts, m)
             stats.append(LayerRoutingStats(
-                r.layer, load_fraction(r.output.indices, r.num_experts, m), router_entropy(logits, m),
-                per_token, 1.0 - per_token / slots,
+                r.layer, load, router_entropy(logits, m), per_token, 1.0 - per_token / slots, max_violation(load),
             ))
     losses = {name: torch.stack(values).mean() for name, values in per_name.items()}
     return RoutingLosses(losses, defaults, stats)

@@ -10,10 +10,15 @@ Routers read `context["mask"]` (real tokens): expert-choice routing never picks 
 K-means router leaves it out of its updates. `routing_losses` hands the same context to
 `Router.aux_losses` (LoRAMoE's localized balancing reads `context["sample_type"]`). A call whose
 shapes do not match (a KV-cached decode step of one token per sequence) gets no context.
+
+`recomputing()` says whether this thread is re-running a checkpointed forward inside backward
+(`zoo.models.checkpointing`): hooks that record what a forward did (`capture_routing`,
+`capture_router_inputs`) skip such calls, which would otherwise be recorded twice.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,4 +54,22 @@ def routing_context(model: nn.Module, **tensors: torch.Tensor | None) -> Iterato
             h.remove()
 
 
-__all__ = ["routing_context"]
+_RECOMPUTE = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether this thread is recomputing a checkpointed forward (activation checkpointing in backward)."""
+    return getattr(_RECOMPUTE, "depth", 0) > 0
+
+
+@contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark this thread as recomputing a checkpointed forward for the duration of the block."""
+    _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE.depth -= 1
+
+
+__all__ = ["recomputation", "recomputing", "routing_context"]

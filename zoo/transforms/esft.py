@@ -175,7 +175,7 @@ def row_mask(p: torch.Tensor, rows: list[int], keep: bool) -> _RowMaskHandle:
     mask = torch.full((p.shape[0], *([1] * (p.dim() - 1))), 0.0 if keep else 1.0, device=p.device, dtype=p.dtype)
     mask[list(rows)] = 1.0 if keep else 0.0
     setattr(p, GRAD_ROWS, mask)
-    return _RowMaskHandle(p, p.register_hook(lambda g, mask=mask: g * mask))
+    return _RowMaskHandle(p, p.register_hook(lambda g, mask=mask: g * mask.to(g.dtype)))  # bf16 weights: bf16 grads
 
 
 def _check_selection(layers: Mapping, selected: Mapping[int, list[int]]) -> None:
