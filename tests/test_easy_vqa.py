@@ -153,7 +153,9 @@ def test_recipe_outputs_report_per_type_metrics_and_leave_other_families_alone(m
             "vqa": [Sample("v", "vqa", "test", "q", "yes")]}
     replies = {"easyvqa": ["yes", "red", "triangle", "yes"], "vqa": ["yes"]}
     monkeypatch.setattr(ev_mod, "generate_answers", lambda m, p, samples, **kw: replies[samples[0].task_family])
-    recipe = SimpleNamespace(name="r", eval=SimpleNamespace(limit=None, max_new_tokens=4))
+    from zoo.pipelines.stages.recipe import EvalSpec
+
+    recipe = SimpleNamespace(name="r", eval=EvalSpec(limit=None, max_new_tokens=4))
     datasets = Datasets({"easyvqa": test["easyvqa"], "vqa": test["vqa"]}, test)
     out = evaluate_outputs(recipe, None, None, datasets, ["easyvqa", "vqa"], "lora/easyvqa/model")
     values = {k: v["value"] for k, v in out.items()}

@@ -278,6 +278,9 @@ SHIPPED_OUTCOME = {  # config -> the start of each refusal reason ([] = exports)
     "tiny-efficientnet-llama-dense": ["encoders.image " + CNN],
     "tiny-vit-llama-moe": [],
     "tiny-zoo": [WHISPER, "encoders.image " + CNN],
+    "tiny-zoo-scratch-audio": [WHISPER, "encoders.image " + CNN],
+    "smollm2-135m-instruct": ["the model has no image encoder"],
+    "smol-moe-llava": ["encoders.audio: a whisper audio encoder with a mlp connector", "encoders.image " + CNN],
 }
 
 

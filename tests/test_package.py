@@ -110,7 +110,7 @@ def test_demo_builds_loads_and_reports_a_recipe_at_smoke_size(tmp_path, monkeypa
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
     demo.main(["--cards-dir", str(tmp_path / "cards"), "--recipe", "micro"])
     out = capsys.readouterr().out
-    assert "micro-vqa@1.0.0" in out and "vqa/exact_match" in out and "reference" in out
+    assert "micro-vqa@1.1.0" in out and "vqa/exact_match" in out and "reference" in out
     assert "published (card)" in out  # the card's figure next to this build's
     demo.main(["--cards-dir", str(tmp_path / "cards"), "--recipe", "micro"])  # built: loads only
     assert "building" not in capsys.readouterr().out
