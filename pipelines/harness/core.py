@@ -294,6 +294,23 @@ class ZooRunner:
         return out  # type: ignore[return-value]
 
 
+def make_runner(model, processor, *, name: str | None, pretrained: str | None, device: str | None, dtype,
+                cards_dir: str | None, batch_size: Any, max_length: Any) -> ZooRunner:
+    """The `ZooRunner` both harness models wrap: a model instance with its processor, or one loaded by
+    card name / checkpoint directory (`name=` or lm-eval's usual `pretrained=`, not both differently)."""
+    if model is not None:
+        if processor is None:
+            raise HarnessError("zoo: a model instance needs its processor (processor=...)")
+        label = name or getattr(getattr(model, "config", None), "name", None) or type(model).__name__
+    else:
+        if name and pretrained and name != pretrained:
+            raise HarnessError(f"zoo: name={name!r} and pretrained={pretrained!r} differ; give one")
+        model, processor, label = load_zoo_model(name or pretrained or "", device=device or "cpu", dtype=dtype,
+                                                 cards_dir=cards_dir)
+    return ZooRunner(model, processor, label, batch_size=parse_batch_size(batch_size),
+                     max_length=int(max_length) if max_length else None)
+
+
 def parse_batch_size(value: Any, default: int = 8) -> int:
     """lm-eval's `--batch_size` (an int, a numeric string, or "auto"/"auto:N", which take `default`)."""
     if value is None or (isinstance(value, str) and value.startswith("auto")):

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from zoo.pipelines.harness import HarnessError  # noqa: E402
-from zoo.pipelines.harness.core import ZooRunner, flag, generation_options, load_zoo_model, parse_batch_size  # noqa: E402
+from zoo.pipelines.harness.core import flag, generation_options, make_runner, parse_batch_size  # noqa: E402
 
 
 @register_model("zoo")
@@ -60,18 +60,9 @@ class ZooLM(TemplateLM):
                  max_length: Any = None, max_gen_toks: Any = 256, add_bos_token: Any = None,
                  prefix_token_id: Any = None, cards_dir: str | None = None) -> None:
         super().__init__()
-        if model is not None:
-            if processor is None:
-                raise HarnessError("zoo: a model instance needs its processor (processor=...)")
-            label = name or getattr(getattr(model, "config", None), "name", None) or type(model).__name__
-        else:
-            if name and pretrained and name != pretrained:
-                raise HarnessError(f"zoo: name={name!r} and pretrained={pretrained!r} differ; give one")
-            model, processor, label = load_zoo_model(name or pretrained or "", device=device or "cpu", dtype=dtype,
-                                                     cards_dir=cards_dir)
-        self.runner = ZooRunner(model, processor, label, batch_size=parse_batch_size(batch_size),
-                                max_length=int(max_length) if max_length else None)
-        self.tokenizer = processor.tokenizer
+        self.runner = make_runner(model, processor, name=name, pretrained=pretrained, device=device, dtype=dtype,
+                                  cards_dir=cards_dir, batch_size=batch_size, max_length=max_length)
+        self.tokenizer = self.runner.tokenizer
         self.add_bos_token = flag(add_bos_token)
         self.custom_prefix_token_id = int(prefix_token_id) if prefix_token_id not in (None, "") else None
         self._max_gen_toks = int(max_gen_toks)

@@ -26,7 +26,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from zoo.pipelines.harness.lmms_entry import filelock_compat  # noqa: E402
 
 from zoo.pipelines.harness import HarnessError  # noqa: E402
-from zoo.pipelines.harness.core import ZooRunner, classify_media, flag, generation_options, load_zoo_model, parse_batch_size  # noqa: E402
+from zoo.pipelines.harness.core import classify_media, flag, generation_options, make_runner  # noqa: E402
 
 filelock_compat()  # before any simple_evaluate of lmms-eval (see lmms_entry)
 
@@ -54,17 +54,8 @@ class ZooLMMS(lmms):
                  max_length: Any = None, max_new_tokens: Any = 256, chat_template: Any = True,
                  cards_dir: str | None = None) -> None:
         super().__init__()
-        if model is not None:
-            if processor is None:
-                raise HarnessError("zoo: a model instance needs its processor (processor=...)")
-            label = name or type(model).__name__
-        else:
-            if name and pretrained and name != pretrained:
-                raise HarnessError(f"zoo: name={name!r} and pretrained={pretrained!r} differ; give one")
-            model, processor, label = load_zoo_model(name or pretrained or "", device=device or "cpu", dtype=dtype,
-                                                     cards_dir=cards_dir)
-        self.runner = ZooRunner(model, processor, label, batch_size=parse_batch_size(batch_size),
-                                max_length=int(max_length) if max_length else None)
+        self.runner = make_runner(model, processor, name=name, pretrained=pretrained, device=device, dtype=dtype,
+                                  cards_dir=cards_dir, batch_size=batch_size, max_length=max_length)
         self.chat_template = bool(flag(chat_template))
         self.max_new_tokens = int(max_new_tokens)
         self._device = self.runner.device
