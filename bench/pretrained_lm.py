@@ -131,7 +131,7 @@ def child(model_name: str, mode: str, checkpointing: bool, batch: int, seq: int,
 
     from zoo.models.checkpointing import activation_checkpointing
     from zoo.models.compile import compiled_layers
-    from zoo.pipelines.engine import TorchEngine
+    from zoo.pipelines.engines import TorchEngine
     from zoo.pipelines.optim import OptimConfig
 
     model = build(model_name).train()

@@ -1,7 +1,7 @@
 """The installed `zoo` command: the library's `list | load | export | publish` plus `build | train | eval | experiment`.
 
     zoo build NAME[@VERSION] [--force] [--resume]
-    zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed] ...
+    zoo train RECIPE [--out DIR] [--stage S ...] [--resume] [--data-dir D] [--engine torch|deepspeed|fsdp] ...
     zoo eval CHECKPOINT|NAME --family F [--family G] [--data DIR] [--split test] [--limit N]
     zoo experiment EXPERIMENT [EXPERIMENT ...] [--out ROOT] [--store DIR] [--variant V ...] [--seeds 0,1,2] [--dry-run]
     zoo report RESULTS [RESULTS ...] [--readme README.md] [--results bench/RESULTS.md] [--cards model_cards]
@@ -23,7 +23,7 @@ from zoo.cli import ERRORS as LIBRARY_ERRORS
 from zoo.cli import local_dir, make_parser, run_cli
 from zoo.pipelines.data.shards import CorruptShardError
 from zoo.io.locks import DirectoryBusy
-from zoo.pipelines.engine import NonFiniteError
+from zoo.pipelines.engines import NonFiniteError
 
 # What bad input raises on the training side too: a corrupt shard, a NaN loss, a missing key.
 ERRORS = (*LIBRARY_ERRORS, CorruptShardError, NonFiniteError, DirectoryBusy, KeyError)
@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from zoo.io.hub import zoo_home
-    from zoo.pipelines.engine import EngineSpec
+    from zoo.pipelines.engines import EngineSpec
     from zoo.pipelines.runner import run_recipe
     from zoo.pipelines.stages import RecipeConfig
 
@@ -179,9 +179,10 @@ def add_training_commands(sub) -> None:
     s.add_argument("--stage", action="append", help="run only this stage (repeatable); what it starts from must exist")
     s.add_argument("--data-dir", help="built data to read (default: OUT/data, built if absent)")
     s.add_argument("--resume", action="store_true", help="continue stages from their newest checkpoints")
-    s.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    s.add_argument("--engine", choices=["torch", "deepspeed", "fsdp"], default="torch",
+                   help="torch: one process; deepspeed (ZeRO 0-2) or fsdp (FSDP2): under torchrun or pipelines/launch/*.sh")
     s.add_argument("--ds-config", default="zero2", help="configs/deepspeed/<name>.json or a path (deepspeed engine)")
-    s.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed engine)")
+    s.add_argument("--ep-size", type=int, default=1, help="expert-parallel group size (deepspeed and fsdp engines)")
     s.add_argument("--wait", action="store_true",
                    help="if another process is training into --out, wait for it to end (default: refuse, naming its pid)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (also ZOO_QUIET=1)")

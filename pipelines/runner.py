@@ -23,7 +23,7 @@ from zoo.models.pretrained import resolve_pretrained
 from zoo.pipelines.disk import check_disk
 from zoo.pipelines.collate import MixedBatches, frozen_encoder_caches
 from zoo.pipelines.datasets import prepare
-from zoo.pipelines.engine import EngineSpec, make_engine
+from zoo.pipelines.engines import EngineSpec, make_engine
 from zoo.pipelines.eval import evaluate_outputs
 from zoo.pipelines.routing_plot import plot_stage_routing
 from zoo.pipelines.stages import RecipeConfig, StageConfig, StageContext
@@ -61,12 +61,9 @@ def train_model(ctx: StageContext, model, stage: StageConfig, out: Path, name: s
     caches = frozen_encoder_caches(model, ctx.processor, ctx.feature_dir)
     mixed = MixedBatches(ctx.datasets, stage.data, ctx.processor, stage.batch_size, ctx.seed, feature_caches=caches,
                          sample_types=stage.sample_types, group_by_length=stage.group_by_length)
-    engine, batches, ep_size = make_engine(ctx.engine, model, stage.train.optim, stage.train.steps, mixed)
-    result = train(engine, batches, stage.train, out, resume=ctx.resume, name=name)
-    if ep_size > 1:
-        from zoo.moe.expert_parallel import unshard_experts
-
-        unshard_experts(model)  # every rank gathers the full experts; rank 0 saves them
+    engine = make_engine(ctx.engine, model, stage.train.optim, stage.train.steps)
+    result = train(engine, engine.rank_batches(mixed), stage.train, out, resume=ctx.resume, name=name)
+    engine.consolidate()  # every rank holds the whole trained model in `model` again; rank 0 saves it
     return result, trainable
 
 
@@ -165,10 +162,7 @@ def run_recipe(
     out_dir = Path(out_dir)
     for name in only or []:
         recipe.stage(name)  # names an unknown stage
-    if engine.kind == "deepspeed":
-        from zoo.pipelines.deepspeed_engine import init_distributed
-
-        init_distributed()
+    engine.init_distributed()
     if not _is_main():  # rank 0 holds the lock for the whole job
         return _run_locked(recipe, out_dir, only, resume, data_dir, engine)
     with hold_lock(out_dir, f"run directory {str(out_dir)!r}", wait=wait,

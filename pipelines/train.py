@@ -26,7 +26,7 @@ from zoo.models.checkpointing import activation_checkpointing
 from zoo.models.compile import compiled_layers
 from zoo.models.lm import IGNORE_INDEX
 from zoo.moe.trainer_hooks import capture_router_inputs, schedule_routers, update_routers
-from zoo.pipelines.engine import Engine, NonFiniteError
+from zoo.pipelines.engines import Engine, NonFiniteError
 from zoo.pipelines.nonfinite import nonfinite_message
 from zoo.pipelines.optim import OptimConfig
 from zoo.progress import progress

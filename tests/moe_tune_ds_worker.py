@@ -78,7 +78,7 @@ def optim_config(precision: str = "fp32", grad_accum: int = 1, weight_decay: flo
 
 def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
     """The 1-process run: TorchEngine, each global batch as `parts` accumulated micro-batches."""
-    from zoo.pipelines.engine import TorchEngine
+    from zoo.pipelines.engines import TorchEngine
 
     model = tiny_moe_tune_model(esft)
     cfg = TrainConfig(steps=steps, optim=optim_config(grad_accum=parts, weight_decay=0.1 if esft else 0.0))
@@ -90,7 +90,7 @@ def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, res
         num_experts: int = 4, activation_checkpointing: bool = False, lm_loss_chunk: int = 0,
         bf16_precision: str = "bf16") -> None:
     """Train with one DeepSpeed config into `out`; precision follows the config's name (`bf16_precision` for bf16)."""
-    from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
+    from zoo.pipelines.engines.deepspeed_engine import DeepSpeedEngine
 
     model = tiny_moe_tune_model(esft, num_experts)
     precision = bf16_precision if "bf16" in ds_config else "fp32"

@@ -11,7 +11,7 @@ from zoo import MoEConfig, upcycle
 from zoo.models.checkpointing import activation_checkpointing
 from zoo.models.lm import decoder_layers
 from zoo.moe.trainer_hooks import capture_router_inputs
-from zoo.pipelines.engine import TorchEngine
+from zoo.pipelines.engines import TorchEngine
 from zoo.pipelines.optim import OptimConfig
 from zoo.pipelines.train import TrainConfig, train
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zoo.moe.experts import SwiGLUExperts
-from zoo.pipelines.deepspeed_engine import CONFIG_DIR, check_moe_param_groups, config_path, moe_param_groups, resolve_config
+from zoo.pipelines.engines.deepspeed_engine import CONFIG_DIR, check_moe_param_groups, config_path, moe_param_groups, resolve_config
 from zoo.pipelines.optim import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -224,7 +224,7 @@ def _batch_at(i):
 
 
 def test_bias_is_checkpointed_and_a_resumed_run_continues_exactly(tmp_path):
-    from zoo.pipelines.engine import TorchEngine
+    from zoo.pipelines.engines import TorchEngine
     from zoo.pipelines.optim import OptimConfig
     from zoo.pipelines.train import TrainConfig, train
 

@@ -76,7 +76,7 @@ def test_a_built_wheel_works_outside_the_repository(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, cwd=tmp_path)
     code = (
-        "import zoo, zoo.pipelines.deepspeed_engine as ds\n"
+        "import zoo, zoo.pipelines.engines.deepspeed_engine as ds\n"
         "from zoo.pipelines.stages import RecipeConfig\n"
         f"assert zoo.__file__.startswith({str(target)!r}), zoo.__file__\n"
         "cards = zoo.list_models()\n"

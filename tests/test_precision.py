@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from zoo.io.checkpoint import load_checkpoint
-from zoo.pipelines.engine import TorchEngine
+from zoo.pipelines.engines import TorchEngine
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
 from zoo.pipelines.precision import MasterWeights
 from zoo.pipelines.train import TrainConfig, checkpoints, train
@@ -123,7 +123,7 @@ def test_bf16_master_resume_continues_the_uninterrupted_run(tmp_path):
 
 def test_deepspeed_takes_bf16_master_as_its_bf16():
     pytest.importorskip("deepspeed")
-    from zoo.pipelines.deepspeed_engine import resolve_config
+    from zoo.pipelines.engines.deepspeed_engine import resolve_config
 
     cfg = resolve_config("zero2", OptimConfig(precision="bf16_master"), has_experts=True)
     assert cfg["bf16"]["enabled"] is True and cfg["zero_optimization"]["stage"] == 2

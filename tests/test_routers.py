@@ -274,7 +274,7 @@ def test_smoe_dropout_takes_top_k_of_a_fixed_router_with_softmax_weights_and_a_l
 
 
 def test_smoe_dropout_router_is_bit_identical_after_training_and_k_grew(tmp_path):
-    from zoo.pipelines.engine import TorchEngine
+    from zoo.pipelines.engines import TorchEngine
     from zoo.pipelines.optim import OptimConfig
     from zoo.pipelines.train import TrainConfig, train
 

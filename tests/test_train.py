@@ -15,7 +15,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from zoo.io.checkpoint import load_checkpoint
-from zoo.pipelines.engine import NonFiniteError, TorchEngine
+from zoo.pipelines.engines import NonFiniteError, TorchEngine
 from zoo.pipelines.optim import OptimConfig, cosine_with_warmup
 from zoo.pipelines.train import TrainConfig, checkpoints, train
 

@@ -63,7 +63,7 @@ def test_compiled_layers_train_like_eager_and_are_eager_after(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from train_worker import batch_at, tiny_moe_lm
 
-    from zoo.pipelines.engine import TorchEngine
+    from zoo.pipelines.engines import TorchEngine
     from zoo.pipelines.optim import OptimConfig
     from zoo.pipelines.train import TrainConfig, train
 

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from zoo import upcycle  # noqa: E402
-from zoo.pipelines.engine import TorchEngine  # noqa: E402
+from zoo.pipelines.engines import TorchEngine  # noqa: E402
 from zoo.pipelines.optim import OptimConfig  # noqa: E402
 from zoo.pipelines.train import TrainConfig, train  # noqa: E402
 

@@ -18,7 +18,9 @@
 #   DS_CONFIG      DeepSpeed config: a name in configs/deepspeed/ (zero0|zero1|zero2, optionally with
 #                  _fp32|_bf16; without the suffix the stage's precision picks it) or a JSON path.
 #                  Default zero2.
-#   LAUNCHER       deepspeed | torchrun (default: deepspeed when it is on PATH, else torchrun).
+#   ENGINE         deepspeed | fsdp (default deepspeed). fsdp: PyTorch FSDP2, every parameter sharded,
+#                  experts over an EP_SIZE x (world / EP_SIZE) mesh; always launched with torchrun.
+#   LAUNCHER       deepspeed | torchrun (default: deepspeed when it is on PATH, else torchrun; fsdp: torchrun).
 #   PYTHON         interpreter for `-m` (default: python).
 #   ENTRY          what the launcher starts (default: "-m zoo.pipelines.run"); a script path also works.
 #   OMP_NUM_THREADS  threads per process (default 1 on CPU-only nodes).
@@ -37,13 +39,23 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 NNODES="${NNODES:-1}"
 PYTHON="${PYTHON:-python}"
 ENTRY="${ENTRY:--m zoo.pipelines.run}"
+ENGINE="${ENGINE:-deepspeed}"
+case "$ENGINE" in
+deepspeed | fsdp) ;;
+*) echo "launch: ENGINE=$ENGINE; expected deepspeed or fsdp" >&2; exit 2 ;;
+esac
+if [[ "$ENGINE" == fsdp ]]; then LAUNCHER="${LAUNCHER:-torchrun}"; fi
 if [[ -z "${LAUNCHER:-}" ]]; then
     if command -v deepspeed >/dev/null 2>&1; then LAUNCHER=deepspeed; else LAUNCHER=torchrun; fi
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
 read -r -a entry <<<"$ENTRY"
-engine_args=(--engine deepspeed --ds-config "$DS_CONFIG" --ep-size "$EP_SIZE")
+if [[ "$ENGINE" == fsdp ]]; then
+    engine_args=(--engine fsdp --ep-size "$EP_SIZE")
+else
+    engine_args=(--engine deepspeed --ds-config "$DS_CONFIG" --ep-size "$EP_SIZE")
+fi
 
 case "$LAUNCHER" in
 deepspeed)

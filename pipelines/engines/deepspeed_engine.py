@@ -45,7 +45,7 @@ from torch import nn
 from zoo.moe.expert_parallel import GRAD_ROWS, expert_group_name, is_expert_param, shard_experts
 from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.layer import SparseMoE
-from zoo.pipelines.engine import NonFiniteError, StepResult
+from zoo.pipelines.engines.base import NonFiniteError, StepResult, fingerprint, same_on_all_ranks
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
 from zoo.resources import resource_dir
 
@@ -198,21 +198,10 @@ def check_moe_param_groups(named: dict[str, torch.Tensor], groups: list[dict[str
         )
 
 
-def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
-    """`[n, 2]` float64 (sum, sum of squares) per parameter: cheap evidence that a tensor changed."""
-    if not params:
-        return torch.zeros(0, 2, dtype=torch.float64)
-    return torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in params]).cpu()
-
-
 def _same_on_all_ranks(value: torch.Tensor, group=None) -> bool:
     from deepspeed.accelerator import get_accelerator
 
-    value = value.to(get_accelerator().current_device_name())  # nccl reduces device tensors only
-    lo, hi = value.clone(), value.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    return torch.equal(lo, hi)
+    return same_on_all_ranks(value, get_accelerator().current_device_name(), group)  # nccl reduces device tensors only
 
 
 def _free_port() -> int:
@@ -347,7 +336,7 @@ class DeepSpeedEngine:
         if moes and any(m.experts.num_experts % ep_size for m in moes):
             counts = sorted({m.experts.num_experts for m in moes})
             raise ValueError(f"DeepSpeedEngine: ep_size={ep_size} does not divide the expert counts {counts}")
-        if not _same_on_all_ranks(_fingerprint(list(model.parameters()))):
+        if not _same_on_all_ranks(fingerprint(list(model.parameters()))):
             raise RuntimeError(
                 "DeepSpeedEngine: the ranks built different models (parameter fingerprints differ); build the model "
                 "from the same seed or checkpoint on every rank before sharding experts"
@@ -398,6 +387,19 @@ class DeepSpeedEngine:
     def finish(self) -> None:
         """Nothing to undo here: the module's dtype is DeepSpeed's (bf16 under its bf16, with its fp32 masters)."""
 
+    def rank_batches(self, batches):
+        """Each data-parallel rank reads its own micro-batches: `batches(i * dp_world_size + dp_rank)`."""
+        rank, ranks = self.dp_rank, self.dp_world_size
+        return lambda i: batches(i * ranks + rank)
+
+    def consolidate(self) -> nn.Module:
+        """The model with full experts on every rank (expert shards all-gathered; a collective)."""
+        if self.ep_size > 1:
+            from zoo.moe.expert_parallel import unshard_experts
+
+            unshard_experts(self.module)
+        return self.module
+
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed's backward: scales by 1/grad_accum and reduces gradients at the boundary.
 
@@ -443,7 +445,7 @@ class DeepSpeedEngine:
                 for _, p in self._shared_params + self._expert_params:
                     if p.grad is not None:
                         p.grad.mul_(clip / (norm.item() + 1e-6))
-        before = _fingerprint([p for _, p in self._checked_experts]) if self._pending_update_check else None
+        before = fingerprint([p for _, p in self._checked_experts]) if self._pending_update_check else None
         self.ds.step()
         if norm is None:
             value = self.ds.get_global_grad_norm()
@@ -456,7 +458,7 @@ class DeepSpeedEngine:
         return StepResult(float(norm), lr)
 
     def _check_experts_updated(self, before: torch.Tensor) -> None:
-        after = _fingerprint([p for _, p in self._checked_experts])
+        after = fingerprint([p for _, p in self._checked_experts])
         changed = (after != before).any(dim=1)
         self._pending_update_check = False
         if not bool(changed.any()):

@@ -1,53 +1,18 @@
-"""Engines: what the trainer calls to run a step, whatever does the distributing.
-
-The interface follows DeepSpeed's engine so that a DeepSpeed engine is a thin adapter:
-`backward(loss)` scales by the accumulation steps, `step()` is called after every micro-batch and
-updates only at an accumulation boundary; the engine owns its checkpoint I/O.
-
-`TorchEngine` is one process, plain PyTorch, CPU or GPU; `make_engine` builds the engine an
-`EngineSpec` names (`DeepSpeedEngine` in `deepspeed_engine.py`).
-"""
+"""The one-process engine: plain PyTorch on CPU or GPU (the `Engine` contract: `engines/base.py`)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
 
 from zoo.io.checkpoint import load_checkpoint, load_strict, save_checkpoint
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
+from zoo.pipelines.engines.base import NonFiniteError, StepResult
 from zoo.pipelines.precision import MasterWeights
-
-@dataclass
-class StepResult:
-    """What an optimizer step reports: pre-clip global grad norm and the LR it used."""
-
-    grad_norm: float
-    lr: float
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient norm was NaN or infinite."""
-
-
-class Engine(Protocol):
-    """What the trainer needs from an engine."""
-
-    model: torch.nn.Module
-    device: torch.device
-    is_main: bool
-
-    def autocast(self) -> contextlib.AbstractContextManager: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> StepResult | None: ...
-    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> Path: ...
-    def load_checkpoint(self, path: Path) -> dict[str, Any]: ...
-    def finish(self) -> None: ...
-
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able copy of `obj` with every tensor moved into `tensors` under a path key."""
@@ -89,9 +54,10 @@ class TorchEngine:
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, total_steps: int, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.model = self.module = model.to(self.device)
         self.optim_config = optim
         self.is_main = True
+        self.ep_size = 1
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("TorchEngine: the model has no trainable parameters (every parameter is frozen)")
@@ -118,6 +84,14 @@ class TorchEngine:
         if self.master:
             self.master.restore()
             self.master = None
+
+    def rank_batches(self, batches):
+        """One process reads every micro-batch."""
+        return batches
+
+    def consolidate(self) -> torch.nn.Module:
+        """The model is already whole."""
+        return self.model
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of `loss / grad_accum`."""
@@ -168,49 +142,3 @@ class TorchEngine:
         self.scheduler.load_state_dict({**ckpt.config["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         self.micro_step = ckpt.config["micro_step"]
         return ckpt.config["client_state"]
-
-
-
-@dataclass
-class EngineSpec:
-    """Which engine runs the stages.
-
-    Attributes:
-        kind: "torch" (one process) or "deepspeed" (launched by `pipelines/launch/*.sh`).
-        ds_config: DeepSpeed config name in `configs/deepspeed/` or a path ("zero2": fp32 or bf16
-            from the stage's precision).
-        ep_size: expert-parallel group size (DeepSpeed only).
-    """
-
-    kind: str = "torch"
-    ds_config: str = "zero2"
-    ep_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("torch", "deepspeed"):
-            raise ValueError(f"engine {self.kind!r} is not one of ('torch', 'deepspeed')")
-        if self.kind == "torch" and self.ep_size != 1:
-            raise ValueError("ep_size > 1 needs the deepspeed engine (launch with pipelines/launch/*.sh)")
-
-
-def make_engine(spec: EngineSpec, model: torch.nn.Module, optim: OptimConfig, total_steps: int, batches):
-    """The engine `spec` names around `model`, and the batch function each of its ranks reads.
-
-    Under DeepSpeed every data-parallel rank gets its own batches (`batches(i * ranks + rank)`), and
-    experts are sharded over `spec.ep_size` ranks when the stage trains them (with no trainable
-    experts it is data parallel only).
-
-    Returns:
-        `(engine, batch_at, ep_size)`: `ep_size` is the expert-parallel size actually used.
-    """
-    if spec.kind == "torch":
-        return TorchEngine(model, optim, total_steps), batches, 1
-    from zoo.moe.experts import SwiGLUExperts
-    from zoo.pipelines.deepspeed_engine import DeepSpeedEngine
-
-    trains_experts = any(isinstance(m, SwiGLUExperts) and any(p.requires_grad for p in m.parameters())
-                         for m in model.modules())
-    ep_size = spec.ep_size if trains_experts else 1
-    engine = DeepSpeedEngine(model, optim, total_steps, ds_config=spec.ds_config, ep_size=ep_size)
-    rank, ranks = engine.dp_rank, engine.dp_world_size
-    return engine, (lambda i: batches(i * ranks + rank)), ep_size
