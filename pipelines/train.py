@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,19 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
 
 
+def _say_partial_saves(out_dir: Path, name: str) -> None:
+    """Name any checkpoint a kill cut short (a `.tmp-step-*` newer than the newest complete one)
+    and the one the run resumes from instead."""
+    root = Path(out_dir) / "checkpoints"
+    complete = checkpoints(out_dir)
+    newest = int(_CKPT_RE.match(complete[-1].name).group(1)) if complete else 0
+    partial = sorted(p.name for p in root.glob(".tmp-step-*")
+                     if (m := _CKPT_RE.match(p.name[len(".tmp-"):])) and int(m.group(1)) > newest) if root.is_dir() else []
+    for p in partial:
+        where = f"resuming from {complete[-1].name}" if complete else "starting from the beginning (no complete checkpoint)"
+        print(f"{name}: the partial checkpoint {p} (a save cut short) is ignored; {where}", file=sys.stderr)
+
+
 def _routing_metrics(routing) -> dict[str, Any]:
     return {
         str(s.layer): {"load": [round(v, 6) for v in s.load.tolist()], "entropy": round(s.entropy.item(), 6),
@@ -166,6 +180,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
+    if resume and engine.is_main:
+        _say_partial_saves(out_dir, name)
     if resume and checkpoints(out_dir):
         ckpt = checkpoints(out_dir)[-1]
         state = engine.load_checkpoint(ckpt)

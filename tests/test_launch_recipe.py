@@ -1,4 +1,5 @@
-"""The micro recipe through pipelines/launch/recipe.sh: 2 processes, DeepSpeed on gloo, ep_size=2."""
+"""The micro recipe (every stage kind) through pipelines/launch/recipe.sh: 2 processes on gloo, ep_size=2,
+under DeepSpeed (ZeRO-2) and under FSDP2."""
 
 import os
 import subprocess
@@ -17,14 +18,16 @@ RECIPE = ROOT / "configs" / "recipes" / "micro.yaml"
 
 
 @pytest.mark.slow
-def test_recipe_runs_every_stage_under_deepspeed_with_expert_parallelism(tmp_path):
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("engine,port", [("deepspeed", "29531"), ("fsdp", "29533")])
+def test_recipe_runs_every_stage_with_expert_parallelism(tmp_path, engine, port):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
     recipe = RecipeConfig.load(RECIPE)
     data = tmp_path / "data"
     run_recipe(recipe, tmp_path / "single", only=[recipe.stages[0].name], data_dir=data)  # builds the data once
     env = {**os.environ, "GPUS_PER_NODE": "2", "EP_SIZE": "2", "LAUNCHER": "torchrun", "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "MASTER_PORT": "29531"}
-    out = tmp_path / "ds"
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": port, "ENGINE": engine}
+    out = tmp_path / engine
     proc = subprocess.run(["bash", str(ROOT / "pipelines/launch/recipe.sh"), "--recipe", str(RECIPE), "--out", str(out),
                            "--data-dir", str(data)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

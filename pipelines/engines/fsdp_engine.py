@@ -340,7 +340,14 @@ class FSDPEngine:
         state, write_back = self._global_state(with_optimizer=True, for_load=True)
         dcp.load(state, checkpoint_id=str(path))
         write_back()
-        self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        # the schedule's position; param groups differ between layouts (experts get their own
+        # groups when sharded by ep), and every group follows the same schedule
+        sched = self.scheduler
+        sched.last_epoch, sched._step_count = meta["scheduler"]["last_epoch"], meta["scheduler"]["_step_count"]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr  # what optimizer.load_state_dict restores in one process
+        sched._last_lr = lrs
         self.micro_step = meta["micro_step"]
         return meta["client_state"]
 
