@@ -48,6 +48,7 @@ test: setup-eval
 bench: setup
 	$(PY) bench/moe_layer.py
 	$(PY) bench/kernels.py  # needs a CUDA GPU; exits with a message on CPU
+	$(PY) bench/engines.py --size small  # torch vs DeepSpeed ZeRO-2 vs FSDP2 at N=2: step time, bytes per rank
 	$(PY) bench/pretrained_lm.py --profile  # SmolLM2-135M training steps: fp32 / bf16 / fast bf16, dense and MoE, +-checkpointing (~25 min)
 
 # The shipped studies (configs/experiments/), 3 seeds each, sharing one stage store: the prefix
