@@ -85,6 +85,39 @@ def run(a) -> None:
                    "ep_rank": engine.ep_rank, "bytes": {**held, "grads": max(grad_bytes, default=0)}}, f)
 
 
+def every_router(a) -> None:
+    """Each registered router kind (its registry example options): 3 fp32 steps under FSDPEngine in
+    this process group; per kind, the losses and whether every trainable parameter moved."""
+    from torch.distributed.tensor import DTensor
+
+    from zoo.moe.routers import ROUTERS
+    from zoo.pipelines.engines.fsdp_engine import FSDPEngine
+
+    torch.set_num_threads(1)
+    results = {}
+    for name in ROUTERS.names():
+        model = tiny_moe_tune_model(router=name, router_options=dict(ROUTERS.entry(name).example))
+        cfg = TrainConfig(steps=3, optim=optim_config())
+        engine = FSDPEngine(model, cfg.optim, cfg.steps, ep_size=a.ep_size)
+        r, n = engine.rank, engine.world_size
+        before = {k: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                  for k, p in engine.module.named_parameters() if p.requires_grad}
+        result = train(engine, lambda i: shard_of(global_batch(i), r, n), cfg, os.path.join(a.out, name))
+        after = {k: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+                 for k, p in engine.module.named_parameters() if p.requires_grad}
+        still = sorted(k for k in before if torch.equal(before[k], after[k]))
+        engine.consolidate()
+        results[name] = {"final_loss": result.final_loss, "unchanged": still}
+    with open(os.path.join(a.out, f"rank{dist_rank()}-routers.json"), "w") as f:
+        json.dump(results, f)
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -99,7 +132,9 @@ def main() -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--die-at-step", type=int, default=0, help="rank 0 kills itself (SIGKILL) in this optimizer step")
     p.add_argument("--all-ranks-dump", action="store_true")
-    run(p.parse_args())
+    p.add_argument("--every-router", action="store_true", help="3 steps of each registered router kind")
+    a = p.parse_args()
+    every_router(a) if a.every_router else run(a)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,13 @@ from zoo.pipelines.train import TrainConfig, train  # noqa: E402
 GLOBAL_BATCH = 4
 
 
+# DeepSeek-V3's gate with its aux-loss-free bias moving fast enough to change routing in a few steps
+ROUTER_OPTIONS = {"deepseek_v3": {"top_k": 2, "n_group": 2, "topk_group": 1, "bias_update_rate": 0.05}}
+
 ESFT_SELECTION = {0: [1, 2], 1: [0]}  # under ep_size=2: one selected expert per rank, then rank 1 has none
 
 
-def tiny_moe_tune_model(esft: bool = False, num_experts: int = 4):
+def tiny_moe_tune_model(esft: bool = False, num_experts: int = 4, router: str = "topk", router_options: dict | None = None):
     """Tiny Llama upcycled to 4 experts top-2, no jitter; only the MoE layers (router + experts) train.
 
     With `esft`: only the experts in `ESFT_SELECTION` train, through ESFT's gradient row masks (set
@@ -42,7 +45,8 @@ def tiny_moe_tune_model(esft: bool = False, num_experts: int = 4):
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    model = upcycle(lm, num_experts=num_experts, router_options={"top_k": 2})
+    model = upcycle(lm, num_experts=num_experts, router=router,
+                    router_options={"top_k": 2} if router_options is None else router_options)
     with torch.no_grad():  # break the copies' symmetry so each expert (and shard) is distinct
         for moe in model.moe_layers().values():
             moe.experts.gate_up_proj.add_(torch.randn_like(moe.experts.gate_up_proj) * 0.02)
@@ -76,11 +80,11 @@ def optim_config(precision: str = "fp32", grad_accum: int = 1, weight_decay: flo
                        weight_decay=weight_decay)
 
 
-def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
+def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False, router: str = "topk"):
     """The 1-process run: TorchEngine, each global batch as `parts` accumulated micro-batches."""
     from zoo.pipelines.engines import TorchEngine
 
-    model = tiny_moe_tune_model(esft)
+    model = tiny_moe_tune_model(esft, router=router, router_options=ROUTER_OPTIONS.get(router))
     cfg = TrainConfig(steps=steps, optim=optim_config(grad_accum=parts, weight_decay=0.1 if esft else 0.0))
     train(TorchEngine(model, cfg.optim, steps), lambda i: shard_of(global_batch(i // parts), i % parts, parts), cfg, out)
     return model
@@ -88,11 +92,11 @@ def reference_run(out: str, steps: int, parts: int = 2, esft: bool = False):
 
 def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, resume: bool, esft: bool = False,
         num_experts: int = 4, activation_checkpointing: bool = False, lm_loss_chunk: int = 0,
-        bf16_precision: str = "bf16") -> None:
+        bf16_precision: str = "bf16", router: str = "topk") -> None:
     """Train with one DeepSpeed config into `out`; precision follows the config's name (`bf16_precision` for bf16)."""
     from zoo.pipelines.engines.deepspeed_engine import DeepSpeedEngine
 
-    model = tiny_moe_tune_model(esft, num_experts)
+    model = tiny_moe_tune_model(esft, num_experts, router=router, router_options=ROUTER_OPTIONS.get(router))
     precision = bf16_precision if "bf16" in ds_config else "fp32"
     cfg = TrainConfig(steps=steps, ckpt_every=ckpt_every, keep_checkpoints=5, optim=optim_config(precision, weight_decay=0.1 if esft else 0.0),
                       activation_checkpointing=activation_checkpointing, lm_loss_chunk=lm_loss_chunk)
@@ -101,7 +105,8 @@ def run(out: str, ds_config: str, ep_size: int, steps: int, ckpt_every: int, res
     os.makedirs(out, exist_ok=True)
 
     def dump(tag: str) -> None:
-        save_file({n: t.detach().float().cpu().contiguous() for n, t in model.named_parameters()},
+        bias = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}  # aux-free bias
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in [*model.named_parameters(), *bias.items()]},
                   os.path.join(out, f"rank{r}-{tag}.safetensors"))
 
     dump("init")
@@ -139,6 +144,7 @@ def main() -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="TrainConfig.activation_checkpointing")
     p.add_argument("--lm-loss-chunk", type=int, default=0, help="TrainConfig.lm_loss_chunk (0: the plain loss)")
     p.add_argument("--bf16-precision", choices=["bf16", "bf16_master"], default="bf16", help="precision of bf16 configs")
+    p.add_argument("--router", default="topk", choices=["topk", *ROUTER_OPTIONS], help="the MoE layers' router")
     p.add_argument("--stage", choices=["moe-tune"], default="moe-tune", help="what pipelines/launch/<stage>.sh passes")
     p.add_argument("--engine", choices=["deepspeed"], default="deepspeed", help="what pipelines/launch/*.sh passes")
     a = p.parse_args()
@@ -147,7 +153,7 @@ def main() -> None:
     for config in configs:
         out = a.out if len(configs) == 1 else os.path.join(a.out, config)
         run(out, config, a.ep_size, a.steps, a.ckpt_every, a.resume, a.esft, a.experts, a.activation_checkpointing,
-            a.lm_loss_chunk, a.bf16_precision)
+            a.lm_loss_chunk, a.bf16_precision, a.router)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,24 @@ def test_ep2_zero2_matches_one_process_shards_experts_and_resumes_exactly(tmp_pa
 
 
 @pytest.mark.slow
+def test_aux_free_bias_under_expert_parallelism_matches_one_process(tmp_path):
+    """DeepSeek-V3's gate at EP=2: the selection bias, updated from token counts summed over the
+    step's micro-batches and all-reduced over the ranks, follows the 1-process run (losses, bias)."""
+    torch.set_num_threads(1)
+    ref_out = tmp_path / "reference"
+    model = reference_run(str(ref_out), steps=4, router="deepseek_v3")
+    ref_losses = [json.loads(line)["loss"] for line in (ref_out / "metrics.jsonl").read_text().splitlines()]
+    _launch(tmp_path / "run", "--steps", "4", "--ckpt-every", "0", "--router", "deepseek_v3")
+    assert _mean_losses(tmp_path / "run") == pytest.approx(ref_losses, abs=1e-5)
+    final = [load_file(str(tmp_path / "run" / f"rank{r}-final.safetensors")) for r in range(2)]
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert biases and any(b.abs().sum() > 0 for b in biases.values()), "the bias never moved"
+    for name, bias in biases.items():
+        for r in range(2):
+            torch.testing.assert_close(final[r][name], bias, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_ep2_zero0_zero1_and_bf16_in_one_process_each_match_one_process(tmp_path, reference):
     """Three engines one after the other in the same 2 processes (as a recipe's stages run)."""
     _launch(tmp_path, "--steps", "3", "--ckpt-every", "0", ds_config="zero0_fp32,zero1_fp32,zero2_bf16")
