@@ -10,7 +10,9 @@ so they never branch on which engine runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,3 +86,26 @@ def same_on_all_ranks(value: torch.Tensor, device: torch.device | str, group=Non
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     return torch.equal(lo, hi)
+
+
+@contextlib.contextmanager
+def all_ranks_write(path: Path, is_main: bool) -> Iterator[Path]:
+    """A directory every rank writes into, published as `path` only once all of them are done.
+
+    Yields `.tmp-<name>` beside `path` (emptied by rank 0 first); after the block, rank 0 renames it
+    to `path` (replacing an older one), so `path` only ever exists complete: a kill mid-save leaves a
+    `.tmp-*` that resuming skips. A collective; the directory must be on a file system all ranks share.
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    yield tmp
+    dist.barrier()
+    if is_main:
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()

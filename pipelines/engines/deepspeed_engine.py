@@ -32,7 +32,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from torch import nn
 from zoo.moe.expert_parallel import GRAD_ROWS, expert_group_name, is_expert_param, shard_experts
 from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.layer import SparseMoE
-from zoo.pipelines.engines.base import NonFiniteError, StepResult, fingerprint, same_on_all_ranks
+from zoo.pipelines.engines.base import NonFiniteError, StepResult, all_ranks_write, fingerprint, same_on_all_ranks
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
 from zoo.resources import resource_dir
 
@@ -480,30 +479,20 @@ class DeepSpeedEngine:
         Each expert shard is saved by the first rank of its expert-data-parallel group.
         """
         path = Path(path)
-        tmp = path.parent / f".tmp-{path.name}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        self.ds.save_checkpoint(str(path.parent), tag=tmp.name, client_state={_CLIENT_KEY: client_state}, save_latest=False)
-        step, optim_state = self._optimizer_state()  # collective: every rank, every trainable parameter
-        meta = {"ep_size": str(self.ep_size), "adam_step": str(step)}
-        if self._expert_params and self._edp_rank == 0:
-            tensors = {n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if is_expert_param(p)}
-            tensors.update({k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._expert_params)})
-            file = self._expert_file(tmp, self.ep_rank)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(file), metadata={**meta, "ep_rank": str(self.ep_rank)})
-        if self.is_main:
-            shared = {k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._shared_params)}
-            (tmp / _EXPERT_DIR).mkdir(parents=True, exist_ok=True)
-            save_file(shared, str(tmp / _EXPERT_DIR / _SHARED_STATE), metadata=meta)
-        dist.barrier()
-        if self.is_main:
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        dist.barrier()
+        with all_ranks_write(path, self.is_main) as tmp:
+            self.ds.save_checkpoint(str(path.parent), tag=tmp.name, client_state={_CLIENT_KEY: client_state}, save_latest=False)
+            step, optim_state = self._optimizer_state()  # collective: every rank, every trainable parameter
+            meta = {"ep_size": str(self.ep_size), "adam_step": str(step)}
+            if self._expert_params and self._edp_rank == 0:
+                tensors = {n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if is_expert_param(p)}
+                tensors.update({k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._expert_params)})
+                file = self._expert_file(tmp, self.ep_rank)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(file), metadata={**meta, "ep_rank": str(self.ep_rank)})
+            if self.is_main:
+                shared = {k: v for k, v in optim_state.items() if k.split(_STATE_SEP)[0] in dict(self._shared_params)}
+                (tmp / _EXPERT_DIR).mkdir(parents=True, exist_ok=True)
+                save_file(shared, str(tmp / _EXPERT_DIR / _SHARED_STATE), metadata=meta)
         return path
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:

@@ -52,7 +52,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from zoo.models.lm import decoder_layers
 from zoo.moe.expert_parallel import GRAD_ROWS, expert_group_name, is_expert_param, shard_experts
 from zoo.moe.experts import SwiGLUExperts
 from zoo.moe.layer import SparseMoE
-from zoo.pipelines.engines.base import NonFiniteError, StepResult, fingerprint, same_on_all_ranks
+from zoo.pipelines.engines.base import NonFiniteError, StepResult, all_ranks_write, fingerprint, same_on_all_ranks
 from zoo.pipelines.optim import OptimConfig, build_optimizer, decay_groups
 
 STATE_FILE = "zoo_state.json"  # beside DCP's shards: schedule, trainer state, layout
@@ -300,27 +299,16 @@ class FSDPEngine:
         """
         import torch.distributed.checkpoint as dcp
 
-        path = Path(path)
-        tmp = path.parent / f".tmp-{path.name}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        state, _ = self._global_state(with_optimizer=True)
-        dcp.save(state, checkpoint_id=str(tmp))
-        if self.is_main:
-            scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-            (tmp / STATE_FILE).write_text(json.dumps({
-                "client_state": client_state, "scheduler": scheduler, "micro_step": self.micro_step,
-                "world_size": self.world_size, "ep_size": self.ep_size, "shapes": self._global_shapes(),
-            }))
-        dist.barrier()
-        if self.is_main:
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        dist.barrier()
-        return path
+        with all_ranks_write(path, self.is_main) as tmp:
+            state, _ = self._global_state(with_optimizer=True)
+            dcp.save(state, checkpoint_id=str(tmp))
+            if self.is_main:
+                scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+                (tmp / STATE_FILE).write_text(json.dumps({
+                    "client_state": client_state, "scheduler": scheduler, "micro_step": self.micro_step,
+                    "world_size": self.world_size, "ep_size": self.ep_size, "shapes": self._global_shapes(),
+                }))
+        return Path(path)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore what `save_checkpoint` wrote, at any world size and ep size; return `client_state`.
