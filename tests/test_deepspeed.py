@@ -48,7 +48,7 @@ def test_every_shipped_config_resolves_for_its_precision(path):
 
 def test_zero3_with_moe_is_refused_with_the_reason_and_the_alternative():
     cfg = {"zero_optimization": {"stage": 3}}
-    with pytest.raises(ValueError, match=r"ZeRO stage 3 cannot train this MoE model: .*expert-data-parallel.*Use ZeRO stage 2"):
+    with pytest.raises(ValueError, match=r"ZeRO stage 3 cannot train this MoE model: .*expert-data-parallel.*Use ZeRO stage 2.*or the fsdp engine"):
         resolve_config(cfg, OptimConfig(), has_experts=True)
     assert resolve_config(cfg, OptimConfig(), has_experts=False)["zero_optimization"]["stage"] == 3
 

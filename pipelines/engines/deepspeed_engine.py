@@ -106,7 +106,9 @@ def resolve_config(ds_config: str | os.PathLike | dict[str, Any], optim: OptimCo
             f"{where}: ZeRO stage 3 cannot train this MoE model: ZeRO-3 partitions every parameter over the "
             "whole data-parallel group, but expert parameters live on one expert-parallel rank and must be "
             "reduced over their expert-data-parallel group only (DeepSpeed refuses ZeRO-3 for MoE for the same "
-            "reason). Use ZeRO stage 2 (configs/deepspeed/zero2_*.json) and a larger ep_size to fit the experts."
+            "reason). Use ZeRO stage 2 (configs/deepspeed/zero2_*.json) and a larger ep_size to fit the experts, or "
+            "the fsdp engine (ENGINE=fsdp pipelines/launch/*.sh, or --engine fsdp), which shards every parameter, "
+            "experts included."
         )
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
