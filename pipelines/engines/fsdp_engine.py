@@ -12,8 +12,9 @@ non-expert parameter. FSDP2 shards per parameter (DTensor), so torchtitan's layo
   same experts. The all-to-all already sums the ep ranks' contributions to a local expert's
   gradient and FSDP averages over the N / ep efsdp ranks, so the engine divides expert gradients by
   ep once more: every gradient is then the mean over the global batch, as in one process.
-  (torchtitan sets the units' gradient divide factor to N instead; torch 2.14 applies that factor
-  twice when efsdp has one rank, i.e. ep = N, so the division is done here, in `step`.)
+  (torchtitan sets the units' gradient divide factor to N instead; with the sum-only reductions gloo
+  needs, torch 2.14 divides by that factor twice when efsdp has one rank, i.e. ep = N, so the
+  division is done here, in `step`.)
 
 Choices, and why:
 
