@@ -31,12 +31,12 @@ STEPS = 20
 _PORT = [29600]
 
 
-def launch(out: Path, n: int, *args: str, check: bool = True, script: str = "fsdp_worker.py") -> subprocess.CompletedProcess:
+def launch(out: Path, n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """torchrun N processes of the worker into `out` (gloo, one thread each)."""
     _PORT[0] += 1
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                           "--master_addr", "127.0.0.1", "--master_port", str(_PORT[0]), str(HERE / script), str(out), *args],
+                           "--master_addr", "127.0.0.1", "--master_port", str(_PORT[0]), str(HERE / "fsdp_worker.py"), str(out), *args],
                           env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
