@@ -75,6 +75,14 @@ def estimate_bytes(recipe, out_dir: Path, only: list[str] | None = None) -> int:
     return total
 
 
+def _readable(n: int) -> str:
+    """Bytes as the largest unit that keeps a digit before the point: '3.2 GB', '41.0 MB', '512 B'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def check_disk(recipe, out_dir: Path, only: list[str] | None = None) -> None:
     """Refuse to start when the estimate exceeds the free space where `out_dir` lives.
 
@@ -88,8 +96,8 @@ def check_disk(recipe, out_dir: Path, only: list[str] | None = None) -> None:
     need = estimate_bytes(recipe, out_dir, only)
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise OSError(f"recipe {recipe.name!r} would write about {need / 1e9:.1f} GB under {str(out_dir)!r} (outputs and "
-                      f"kept training checkpoints) but only {free / 1e9:.1f} GB are free there; free space, lower "
+        raise OSError(f"recipe {recipe.name!r} would write about {_readable(need)} under {str(out_dir)!r} (outputs and "
+                      f"kept training checkpoints) but only {_readable(free)} are free there; free space, lower "
                       f"train.keep_checkpoints, or train into another --out")
 
 
