@@ -26,6 +26,7 @@ from zoo.config import config_from_dict
 from zoo.models.checkpointing import activation_checkpointing
 from zoo.models.compile import compiled_layers
 from zoo.models.lm import IGNORE_INDEX
+from zoo.moe.losses import balance_window
 from zoo.moe.trainer_hooks import capture_router_inputs, schedule_routers, update_routers
 from zoo.pipelines.engines import Engine, NonFiniteError
 from zoo.pipelines.nonfinite import nonfinite_message
@@ -210,7 +211,7 @@ def train(
             tokens = 0
             result = None
             schedule_routers(engine.model, step, cfg.steps)  # trainer-driven router state (SMoE-Dropout's k)
-            with capture_router_inputs(engine.model) as routed:
+            with capture_router_inputs(engine.model) as routed, balance_window():  # global balance: the step's counts
                 for micro in range(accum):
                     step_result, tokens, out = _micro_step(engine, batch_at, step, micro, accum, sums, tokens, name, out_dir)
                     result = step_result if step_result is not None else result

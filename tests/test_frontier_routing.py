@@ -9,6 +9,7 @@ against a naive loop.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import traceback
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from zoo.moe import ROUTERS, MoEConfig, SparseMoE, SwiGLU, SwiGLUExperts, capture_routing, routing_losses
-from zoo.moe.losses import global_balancing_loss, max_violation, sequence_balancing_loss
+from zoo.moe.losses import balance_window, global_balancing_loss, max_violation, sequence_balancing_loss
 from zoo.moe.routers.capacity import drop_over_capacity, token_capacity
 from zoo.moe.trainer_hooks import capture_router_inputs, update_routers
 
@@ -296,6 +297,69 @@ def test_global_balance_in_one_process_is_the_micro_batch_loss_and_refuses_a_wor
         global_balancing_loss(probs, indices, mask)
 
 
+def test_a_balance_window_counts_f_over_the_step_so_far_in_float64_and_the_last_micro_batch_sees_the_whole_step():
+    probs, indices, mask, _ = _balance_case(T=21, seed=3)
+    micro = [range(0, 7), range(7, 14), range(14, 21)]
+    key, other = object(), object()
+    with balance_window() as window:
+        got = [global_balancing_loss(probs[r.start:r.stop], indices[r.start:r.stop], mask[r.start:r.stop], key=key)
+               for r in micro]
+        alone = global_balancing_loss(probs[7:14], indices[7:14], mask[7:14], key=other)  # another router's count
+        unkeyed = global_balancing_loss(probs[7:14], indices[7:14], mask[7:14])
+    assert set(window.counts) == {id(key), id(other)}
+    for j, r in enumerate(micro):
+        seen = [t for t in range(0, r.stop) if mask[t]]  # micro-batches 1..j: f's tokens
+        real = [t for t in r if mask[t]]  # this micro-batch: P's tokens
+        f = [sum(sum(1 for k in range(indices.shape[1]) if int(indices[t, k]) == e) for t in seen) / len(seen)
+             for e in range(E)]
+        P = [sum(float(probs[t, e]) for t in real) / len(real) for e in range(E)]
+        assert got[j].item() == pytest.approx(E * sum(a * b for a, b in zip(f, P)), rel=1e-6), j
+    assert got[0].item() == pytest.approx(_f64_balance(probs, indices, mask, micro[0]), rel=1e-6)  # first: alone
+    want_alone = _f64_balance(probs, indices, mask, micro[1])
+    assert alone.item() == pytest.approx(want_alone, rel=1e-6) and unkeyed.item() == pytest.approx(want_alone, rel=1e-6)
+    with balance_window():  # a new step starts from no counts
+        again = global_balancing_loss(probs[7:14], indices[7:14], mask[7:14], key=key)
+        with pytest.raises(RuntimeError, match=r"balance_window\(\) is already open in this thread; one optimizer step"):
+            with balance_window():
+                pass
+    assert again.item() == pytest.approx(want_alone, rel=1e-6)
+    with balance_window(), pytest.raises(ValueError, match=r"counted 8 experts earlier in this step and 4 now"):
+        global_balancing_loss(probs, indices, mask, key=key)
+        global_balancing_loss(torch.softmax(probs[:, :4], -1), indices.clamp_max(3), mask, key=key)
+
+
+def test_the_trainer_opens_one_balance_window_per_optimizer_step(tmp_path, monkeypatch):
+    from zoo.moe import losses
+    from zoo.pipelines.train import TrainConfig, train
+
+    added = []
+    real_add = losses.BalanceWindow.add
+
+    def spy(self, key, counts, n):
+        total = real_add(self, key, counts, n)
+        added.append((id(self), id(key), float(n[0]), float(total[1][0])))
+        return total
+
+    monkeypatch.setattr(losses.BalanceWindow, "add", spy)
+    from zoo.pipelines.engines import TorchEngine
+    from zoo.pipelines.optim import OptimConfig
+
+    model = _tiny_moe_lm({"balance_level": "global"}).train()
+    cfg = TrainConfig(steps=2, optim=OptimConfig(lr=1e-3, grad_accum=3))
+    train(TorchEngine(model, cfg.optim, 2), _batch_at, cfg, tmp_path)
+    windows = sorted({w for w, *_ in added}, key=[w for w, *_ in added].index)
+    assert len(windows) == 2, "one window per optimizer step"
+    for w in windows:
+        per_router: dict[int, list[tuple[float, float]]] = {}
+        for win, key, n, total in added:
+            if win == w:
+                per_router.setdefault(key, []).append((n, total))
+        assert len(per_router) == 2  # both MoE layers' routers
+        for calls in per_router.values():
+            assert len(calls) == 3  # the step's three micro-batches, each counted once
+            assert [t for _, t in calls] == pytest.approx(list(itertools.accumulate(n for n, _ in calls)))
+
+
 def test_deepseek_v3_balance_levels_reach_the_loss_through_the_sequences_of_the_batch():
     router = _router(rate=0.0, balance_level="sequence")
     layer = SparseMoE(router=router, experts=SwiGLUExperts(E, D, 16))
@@ -409,7 +473,13 @@ def _one_process_reference():
     p = probs.clone().requires_grad_()
     loss = global_balancing_loss(p, indices, mask)
     loss.backward()
-    return {"biases": biases, "loss": loss.detach(), "grad": p.grad}
+    key = object()
+    q = probs.clone().requires_grad_()
+    with balance_window():  # one step of two micro-batches: rows 0-6, then 7-13
+        window = [global_balancing_loss(q[r], indices[r], mask[r], key=key) for r in (slice(0, 7), slice(7, 14))]
+    sum(window).backward()
+    return {"biases": biases, "loss": loss.detach(), "grad": p.grad,
+            "window": [w.detach() for w in window], "window_grad": q.grad}
 
 
 def _two_rank_check(rank: int, world: int, ref: dict) -> None:
@@ -433,6 +503,19 @@ def _two_rank_check(rank: int, world: int, ref: dict) -> None:
     dist.all_reduce(mean)
     torch.testing.assert_close(mean / world, ref["loss"], msg=lambda m: f"rank {rank} mean global loss: {m}")
     torch.testing.assert_close(p.grad / world, ref["grad"][rows], msg=lambda m: f"rank {rank} grad: {m}")
+    # over a step's micro-batches: micro-batch j of the global batch is rank 0's rows then rank 1's
+    parts = [slice(0, 4), slice(7, 11)] if rank == 0 else [slice(4, 7), slice(11, 14)]
+    q = probs.clone().requires_grad_()
+    key = object()
+    with balance_window():
+        window = [global_balancing_loss(q[r], indices[r], mask[r], key=key) for r in parts]
+    sum(window).backward()
+    for j, w in enumerate(window):
+        mean = w.detach().clone()
+        dist.all_reduce(mean)
+        torch.testing.assert_close(mean / world, ref["window"][j], msg=lambda m: f"rank {rank} micro {j} window loss: {m}")
+    for r in parts:
+        torch.testing.assert_close(q.grad[r] / world, ref["window_grad"][r], msg=lambda m: f"rank {rank} window grad: {m}")
 
 
 def _two_rank_worker(rank: int, world: int, init_file: str, errors) -> None:

@@ -1,12 +1,18 @@
 """Auxiliary losses and routing statistics: pure functions of router outputs.
 
 Each takes one layer's router output (tokens flattened to T) and an optional token mask, so
-padding never counts; the model combines layers. Nothing here reads or writes module state.
+padding never counts; the model combines layers. Nothing here reads or writes module state; the
+one state, `balance_window()`'s running counts for the global balance over a step's micro-batches,
+is the trainer's, opened and closed around each optimizer step.
 On zero tokens (a rank or micro-batch with none) every loss is 0, connected to the autograd
 graph of its inputs (never NaN from a mean over nothing).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -272,7 +278,7 @@ def _world(group) -> int:
 
 
 def global_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None,
-                          group=None) -> torch.Tensor:
+                          group=None, key: object | None = None) -> torch.Tensor:
     """Global-batch balance loss (Qiu et al. 2025, "Demons in the Detail"; Megatron `global_aux_loss`).
 
     The expert frequencies `f_e` are counted over the global batch: the real tokens of every
@@ -282,16 +288,24 @@ def global_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torc
     mean of the ranks' losses (and of their gradients: what data parallelism averages) is exactly
     the micro-batch loss of one process on the concatenated batch, `E * sum_e f_e * P_e`.
 
-    Chosen where the paper leaves room: counts are global over data-parallel ranks within one
-    micro-batch; they are not accumulated over the micro-batches of an optimizer step (that needs
-    a counter that forward changes, which routers here never keep). f is not differentiated (the
-    counts come from the top-k choice); P keeps its gradient.
+    Over the micro-batches of an optimizer step: inside `balance_window()` (which the trainer opens
+    around a step's micro-batches) the counts are summed over the step so far, per `key` (one per
+    router), so f at micro-batch j is the load of micro-batches 1..j of every rank and at the
+    step's last micro-batch it is the whole global batch's. Chosen where the paper leaves room
+    (Megatron-Core's `global_aux_loss` does the same with `global_tokens_per_expert`): the exact
+    global-batch gradient needs f of micro-batches whose forward has not run yet, i.e. every
+    micro-batch's graph kept alive until the last one, which is what accumulation avoids. The
+    running counts live in the trainer's window, never on a router (routers keep no state that
+    forward changes). f is not differentiated (the counts come from the top-k choice); P keeps
+    its gradient.
 
     Args:
         probs: `[T, E]` per-token affinities summing to 1.
         indices: `[T, K]` chosen experts, -1 for empty slots.
         mask: optional `[T]` real tokens.
         group: process group of the data-parallel ranks (None: the world).
+        key: what the counts of an open `balance_window()` are summed under (the router); None
+            counts this micro-batch alone even inside a window.
 
     Returns:
         scalar float32.
@@ -312,24 +326,69 @@ def global_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torc
         dist.all_reduce(stats, group=group)
         counts, n = stats[:num_experts], stats[num_experts:]
     p_sum = (p if m is None else p * m[:, None]).sum(dim=0)  # [E], this rank's
-    total = n.clamp_min(1)[0]
-    f = counts.detach() / total
+    total = n.clamp_min(1)[0]  # this micro-batch's real tokens, all ranks: P's denominator
+    window = _WINDOW.current
+    if window is not None and key is not None:
+        counts, n = window.add(key, counts.detach(), n.detach())
+    f = counts.detach() / n.clamp_min(1)[0]
     return num_experts * world * torch.sum(f * p_sum) / total
 
 
+class BalanceWindow:
+    """The expert counts of the micro-batches of one optimizer step so far, per router: the state
+    `global_balancing_loss` sums into while `balance_window()` is open, and that dies with it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, key: object, counts: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one micro-batch's `[E]` counts and `[1]` token count under `key`; returns the sums so far."""
+        if id(key) in self.counts:
+            before, seen = self.counts[id(key)]
+            if before.shape != counts.shape:
+                raise ValueError(f"balance window: {type(key).__name__} counted {before.shape[0]} experts earlier in "
+                                 f"this step and {counts.shape[0]} now")
+            counts, n = before + counts, seen + n
+        self.counts[id(key)] = (counts, n)
+        return counts, n
+
+
+class _WindowSlot(threading.local):
+    current: BalanceWindow | None = None
+
+
+_WINDOW = _WindowSlot()
+
+
+@contextmanager
+def balance_window() -> Iterator[BalanceWindow]:
+    """Sum global balance counts (`balance_level='global'`) over the micro-batches run inside the
+    block: a trainer opens one per optimizer step (`zoo.pipelines.train` does). Nested windows
+    are refused: a step is one window."""
+    if _WINDOW.current is not None:
+        raise RuntimeError("balance_window() is already open in this thread; one optimizer step is one window")
+    _WINDOW.current = window = BalanceWindow()
+    try:
+        yield window
+    finally:
+        _WINDOW.current = None
+
+
 def balancing_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None, *,
-                   level: str = "micro_batch", sample_id: torch.Tensor | None = None, group=None) -> torch.Tensor:
+                   level: str = "micro_batch", sample_id: torch.Tensor | None = None, group=None,
+                   key: object | None = None) -> torch.Tensor:
     """The balance loss `E * sum_e f_e * P_e` counted at `level` (one of `BALANCE_LEVELS`).
 
     `micro_batch`: `assignment_balancing_loss`; `sequence`: `sequence_balancing_loss` over
-    `sample_id`; `global`: `global_balancing_loss` over the ranks of `group`.
+    `sample_id`; `global`: `global_balancing_loss` over the ranks of `group` (and over the
+    micro-batches of an open `balance_window()`, under `key`).
     """
     if level == "micro_batch":
         return assignment_balancing_loss(probs, indices, mask)
     if level == "sequence":
         return sequence_balancing_loss(probs, indices, sample_id, mask)
     if level == "global":
-        return global_balancing_loss(probs, indices, mask, group)
+        return global_balancing_loss(probs, indices, mask, group, key)
     raise ValueError(f"balance level {level!r} is not one of {BALANCE_LEVELS}")
 
 

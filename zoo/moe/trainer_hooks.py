@@ -9,7 +9,9 @@ Routers keep no hidden state that forward changes. Some have state the trainer d
   centroids; DeepSeek-V3's aux-loss-free bias, from the step's expert counts).
 
 `zoo.pipelines.train` calls `schedule_routers` and wraps its micro-batches in
-`capture_router_inputs`, then calls `update_routers`; any other training loop can do the same.
+`capture_router_inputs` and `zoo.moe.losses.balance_window` (the global balance loss's counts
+summed over the step's micro-batches), then calls `update_routers`; any other training loop can
+do the same.
 """
 
 from __future__ import annotations

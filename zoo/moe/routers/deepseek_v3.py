@@ -193,7 +193,7 @@ class DeepSeekV3Router(nn.Module):
         """`balance` at `balance_level` (sequences from `context["sample_id"]`) and `z`."""
         sample_id = (context or {}).get("sample_id")
         balance = balancing_loss(self.normalized_scores(output.logits), output.indices, mask, level=self.balance_level,
-                                 sample_id=sample_id)
+                                 sample_id=sample_id, key=self)
         return {"balance": balance, "z": router_z_loss(output.logits, mask)}
 
     @torch.no_grad()

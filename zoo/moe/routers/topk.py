@@ -132,7 +132,8 @@ class TopKRouter(nn.Module):
             balance = load_balancing_loss(output.logits, self.top_k, mask)
         else:
             balance = balancing_loss(torch.softmax(output.logits.float(), dim=-1), output.indices, mask,
-                                     level=self.balance_level, sample_id=(context or {}).get("sample_id"))
+                                     level=self.balance_level, sample_id=(context or {}).get("sample_id"),
+                                     key=self)
         return {"balance": balance, "z": router_z_loss(output.logits, mask)}
 
     def as_topk(self) -> tuple[TopKRouter | None, str]:
