@@ -12,6 +12,7 @@ same A/B weights.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -220,8 +221,10 @@ class PlainLoRA:
         from peft import LoraConfig, get_peft_model
 
         o = self.options
-        peft_lm = get_peft_model(_hf_lm(language_model), LoraConfig(
-            r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=list(o.target_modules)))
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias; not ours to act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_lm = get_peft_model(_hf_lm(language_model), LoraConfig(
+                r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=list(o.target_modules)))
         return _set_hf_lm(language_model, peft_lm)
 
     def merge(self, language_model: nn.Module) -> tuple[nn.Module, dict | None]:
